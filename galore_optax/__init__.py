@@ -1,0 +1,30 @@
+"""galore-optax: GaLore low-rank gradient projection for Optax and Flax.
+
+References:
+  Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+  Projection", ICML 2024, arXiv 2403.03507.
+"""
+
+from galore_optax.aliases import galore_adamw
+from galore_optax.projection import PROJ_TYPES
+from galore_optax.projection import PROJECTOR_METHODS
+from galore_optax.projection import Projector
+from galore_optax.targets import galore_labels
+from galore_optax.targets import path_to_name
+from galore_optax.targets import target_mask
+from galore_optax.transform import GaLoreState
+from galore_optax.transform import galore_project
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "GaLoreState",
+    "PROJECTOR_METHODS",
+    "PROJ_TYPES",
+    "Projector",
+    "galore_adamw",
+    "galore_labels",
+    "galore_project",
+    "path_to_name",
+    "target_mask",
+)

@@ -1,0 +1,61 @@
+"""Argument checks shared by the factories: fail at construction, not in jit."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Collection
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def check_positive_int(name: str, value: Any, *, hint: str = "") -> int:
+  """Returns ``value`` as a Python int, or raises a ValueError naming it.
+
+  Args:
+    name: the argument's name, for the message.
+    value: the value given.
+    hint: an extra sentence appended to the message.
+
+  Returns:
+    The value as a Python ``int``.
+  """
+  if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(
+      value, np.generic
+  ):
+    raise ValueError(
+        f"{name} must be a static Python int because it fixes array shapes or"
+        f" the refresh schedule, got an array {value!r}. With"
+        " optax.inject_hyperparams, list it in static_args, e.g."
+        f" static_args=({name!r},). {hint}".rstrip()
+    )
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(
+        f"{name} must be a positive integer, got {value!r}"
+        f" ({type(value).__name__}). {hint}".rstrip()
+    )
+  if value <= 0:
+    raise ValueError(f"{name} must be a positive integer, got {value}. {hint}"
+                     .rstrip())
+  return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Collection[str]) -> str:
+  """Returns ``value`` if it is one of ``choices``, else raises a ValueError."""
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(
+        f"{name} must be one of {sorted(choices)}, got {value!r}."
+    )
+  return value
+
+
+def check_finite_number(name: str, value: Any) -> Any:
+  """Rejects non-numeric or non-finite Python numbers; lets arrays through."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    return value  # may be a traced hyper-parameter (inject_hyperparams)
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{name} must be a real number, got {value!r}.")
+  if not np.isfinite(value):
+    raise ValueError(f"{name} must be finite, got {value!r}.")
+  return value

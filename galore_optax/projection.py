@@ -1,0 +1,302 @@
+"""Projection math: which side a matrix is projected on, and its projectors.
+
+A gradient leaf of shape ``(*batch, m, n)`` is a batch of ``m x n`` matrices.
+Following ``galore_torch``'s ``GaLoreProjector``, each matrix ``G`` is
+projected onto the top-``r`` singular subspace of a recent gradient:
+
+* left side: ``P = U[:, :r]`` (``m x r``), low-rank gradient ``P^T G``
+  (``r x n``), back-projection ``P N``;
+* right side: ``Q = Vh[:r]`` (``r x n``), low-rank gradient ``G Q^T``
+  (``m x r``), back-projection ``N Q``;
+* both sides (``full``): ``P^T G Q^T`` (``r x r``), back-projection ``P N Q``.
+
+``proj_type`` picks the side(s) exactly as the reference does: ``std`` uses the
+right factor when ``m >= n`` and the left one otherwise (the optimizer state
+keeps the larger dimension), ``reverse_std`` the opposite, ``left``/``right``
+always that side, ``full`` both. The effective rank is ``min(rank, m, n)``.
+
+Singular vectors are defined up to sign, and LAPACK, cuSOLVER and a sharded
+SVD may return different ones. Because optimizer moments are carried across
+refreshes, that sign leaks into the trajectory, so we canonicalise it: every
+singular vector is flipped so that its entry of largest magnitude is positive.
+The reference keeps whatever sign its SVD returned.
+
+References:
+  Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+  Projection", ICML 2024, arXiv 2403.03507.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+PROJECTOR_METHODS = ("svd", "randomized")
+
+
+class Projector(NamedTuple):
+  """Orthonormal factors of one leaf; an unused side is ``optax.MaskedNode``.
+
+  Attributes:
+    left: ``(*batch, m, r)`` factor ``P`` with orthonormal columns.
+    right: ``(*batch, r, n)`` factor ``Q`` with orthonormal rows.
+  """
+
+  left: jax.Array | optax.MaskedNode
+  right: jax.Array | optax.MaskedNode
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """Static projection plan of one leaf, derived from its shape.
+
+  Attributes:
+    shape: the leaf's shape, ``(*batch, m, n)``.
+    use_left: project with the left factor ``P``.
+    use_right: project with the right factor ``Q``.
+    rank: effective rank, ``min(rank, m, n)``.
+  """
+
+  shape: tuple[int, ...]
+  use_left: bool
+  use_right: bool
+  rank: int
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return self.shape[:-2]
+
+  @property
+  def m(self) -> int:
+    return self.shape[-2]
+
+  @property
+  def n(self) -> int:
+    return self.shape[-1]
+
+  @property
+  def lowrank_shape(self) -> tuple[int, ...]:
+    rows = self.rank if self.use_left else self.m
+    cols = self.rank if self.use_right else self.n
+    return (*self.batch_shape, rows, cols)
+
+  @property
+  def left_shape(self) -> tuple[int, ...]:
+    return (*self.batch_shape, self.m, self.rank)
+
+  @property
+  def right_shape(self) -> tuple[int, ...]:
+    return (*self.batch_shape, self.rank, self.n)
+
+
+def plan_leaf(shape: tuple[int, ...], rank: int, proj_type: str) -> LeafPlan:
+  """Chooses the projection side(s) of a leaf as ``galore_torch`` does.
+
+  Args:
+    shape: the leaf's shape; the last two axes form the matrix.
+    rank: requested rank (clipped to ``min(m, n)``).
+    proj_type: one of ``PROJ_TYPES``.
+
+  Returns:
+    The leaf's static ``LeafPlan``.
+  """
+  if len(shape) < 2:
+    raise ValueError(f"Only leaves with >= 2 dimensions are projected, got "
+                     f"shape {shape}.")
+  m, n = shape[-2], shape[-1]
+  tall = m >= n
+  if proj_type == "std":
+    left, right = not tall, tall
+  elif proj_type == "reverse_std":
+    left, right = tall, not tall
+  elif proj_type == "left":
+    left, right = True, False
+  elif proj_type == "right":
+    left, right = False, True
+  elif proj_type == "full":
+    left, right = True, True
+  else:
+    raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got "
+                     f"{proj_type!r}.")
+  return LeafPlan(tuple(shape), left, right, min(rank, m, n))
+
+
+def _eye_columns(rows: int, cols: int, batch_shape: tuple[int, ...]):
+  eye = jnp.eye(rows, cols, dtype=jnp.float32)
+  return jnp.broadcast_to(eye, (*batch_shape, rows, cols))
+
+
+def initial_projector(plan: LeafPlan) -> Projector:
+  """A valid orthonormal projector used before the first refresh.
+
+  It is replaced at the first update; it only matters if that update's
+  gradient is not finite, in which case the refresh is skipped and this
+  placeholder (the first ``r`` coordinate axes) stays in use.
+
+  Args:
+    plan: the leaf's plan.
+
+  Returns:
+    A float32 ``Projector``.
+  """
+  left = (_eye_columns(plan.m, plan.rank, plan.batch_shape)
+          if plan.use_left else optax.MaskedNode())
+  right = (jnp.swapaxes(_eye_columns(plan.n, plan.rank, plan.batch_shape),
+                        -1, -2)
+           if plan.use_right else optax.MaskedNode())
+  return Projector(left, right)
+
+
+def canonicalize_column_signs(u: jax.Array) -> jax.Array:
+  """Flips each column so that its largest-magnitude entry is positive."""
+  idx = jnp.argmax(jnp.abs(u), axis=-2, keepdims=True)
+  sign = jnp.sign(jnp.take_along_axis(u, idx, axis=-2))
+  return u * jnp.where(sign == 0, 1, sign).astype(u.dtype)
+
+
+def _svd_factors(g: jax.Array, plan: LeafPlan) -> Projector:
+  """Exact top-r singular vectors from a float32 thin SVD."""
+  u, _, vh = jnp.linalg.svd(g, full_matrices=False)
+  r = plan.rank
+  left = (canonicalize_column_signs(u[..., :, :r])
+          if plan.use_left else optax.MaskedNode())
+  right = (jnp.swapaxes(
+      canonicalize_column_signs(jnp.swapaxes(vh[..., :r, :], -1, -2)), -1, -2)
+           if plan.use_right else optax.MaskedNode())
+  return Projector(left, right)
+
+
+def _orthonormalize(y: jax.Array) -> jax.Array:
+  q, _ = jnp.linalg.qr(y)
+  return q
+
+
+def _top_left_subspace(g: jax.Array, start: jax.Array, rank: int,
+                       n_iter: int) -> jax.Array:
+  """Top-``rank`` left singular vectors of ``g`` by subspace iteration.
+
+  Args:
+    g: ``(*batch, m, n)`` float32 matrices.
+    start: ``(*batch, m, k)`` starting block, ``k >= rank`` (previous basis
+      plus random oversampling columns).
+    rank: number of singular vectors to return.
+    n_iter: power iterations; each costs two products with ``g`` and a thin
+      QR of an ``m x k`` block.
+
+  Returns:
+    ``(*batch, m, rank)`` orthonormal columns, signs canonicalised.
+  """
+  q = _orthonormalize(start)
+  for _ in range(n_iter):
+    q = _orthonormalize(g @ (jnp.swapaxes(g, -1, -2) @ q))
+  # Rayleigh-Ritz: the small SVD orders and rotates the block's directions.
+  b = jnp.swapaxes(q, -1, -2) @ g  # (k, n)
+  ub, _, _ = jnp.linalg.svd(b, full_matrices=False)
+  return canonicalize_column_signs(q @ ub[..., :, :rank])
+
+
+def _randomized_factors(g: jax.Array, plan: LeafPlan, previous: Projector,
+                        key: jax.Array, oversample: int,
+                        n_iter: int) -> Projector:
+  """Warm-started randomized range finder for each side in use."""
+
+  def side(mat, prev, key):
+    rows, cols = mat.shape[-2:]
+    k = min(plan.rank + oversample, rows, cols)
+    extra = k - plan.rank
+    omega = jax.random.normal(key, (*plan.batch_shape, cols, extra),
+                              jnp.float32)
+    # The previous basis is a good start: gradients' top subspaces drift
+    # slowly, so a few power iterations from it converge.
+    start = jnp.concatenate([prev.astype(jnp.float32), mat @ omega], axis=-1)
+    return _top_left_subspace(mat, start, plan.rank, n_iter)
+
+  key_left, key_right = jax.random.split(key)
+  left = (side(g, previous.left, key_left)
+          if plan.use_left else optax.MaskedNode())
+  right = (jnp.swapaxes(
+      side(jnp.swapaxes(g, -1, -2), jnp.swapaxes(previous.right, -1, -2),
+           key_right), -1, -2)
+           if plan.use_right else optax.MaskedNode())
+  return Projector(left, right)
+
+
+def compute_projector(
+    grad: jax.Array,
+    plan: LeafPlan,
+    *,
+    method: str = "svd",
+    previous: Projector | None = None,
+    key: jax.Array | None = None,
+    oversample: int = 8,
+    n_iter: int = 2,
+) -> Projector:
+  """Computes a leaf's float32 projector from its gradient.
+
+  Args:
+    grad: the gradient, shape ``plan.shape``, any float dtype (it is upcast
+      to float32 first, as the reference does).
+    plan: the leaf's plan.
+    method: ``"svd"`` (exact thin SVD, the reference) or ``"randomized"``
+      (subspace iteration warm-started from ``previous``).
+    previous: the current projector (float32), needed by ``"randomized"``.
+    key: PRNG key for the oversampling columns of ``"randomized"``.
+    oversample: extra columns of the randomized range finder.
+    n_iter: power iterations of the randomized range finder.
+
+  Returns:
+    A float32 ``Projector`` with orthonormal factors.
+  """
+  g = grad.astype(jnp.float32)
+  if method == "svd":
+    return _svd_factors(g, plan)
+  if method == "randomized":
+    if previous is None or key is None:
+      raise ValueError("method='randomized' needs previous and key.")
+    return _randomized_factors(g, plan, previous, key, oversample, n_iter)
+  raise ValueError(f"projector method must be one of {PROJECTOR_METHODS}, "
+                   f"got {method!r}.")
+
+
+def project(grad: jax.Array, projector: Projector, plan: LeafPlan) -> jax.Array:
+  """Projects a full gradient into the low-rank space, in float32."""
+  x = grad.astype(jnp.float32)
+  if plan.use_left:
+    x = jnp.einsum("...mr,...mn->...rn", projector.left.astype(jnp.float32), x)
+  if plan.use_right:
+    x = jnp.einsum("...mn,...rn->...mr", x, projector.right.astype(jnp.float32))
+  return x
+
+
+def project_back(lowrank: jax.Array, projector: Projector,
+                 plan: LeafPlan) -> jax.Array:
+  """Maps a low-rank update back to the leaf's shape, in float32."""
+  x = lowrank.astype(jnp.float32)
+  if plan.use_left:
+    x = jnp.einsum("...mr,...rn->...mn", projector.left.astype(jnp.float32), x)
+  if plan.use_right:
+    x = jnp.einsum("...mr,...rn->...mn", x, projector.right.astype(jnp.float32))
+  return x
+
+
+def is_finite_projector(projector: Projector,
+                        plan: LeafPlan) -> jax.Array:
+  """Per-matrix flag (shape ``plan.batch_shape``): every factor is finite."""
+  ok = jnp.ones(plan.batch_shape, bool)
+  for factor in projector:
+    if not isinstance(factor, optax.MaskedNode):
+      ok &= jnp.all(jnp.isfinite(factor), axis=(-2, -1))
+  return ok
+
+
+def select_projector(pred: jax.Array, new: Projector,
+                     old: Projector) -> Projector:
+  """Per matrix of the batch, ``new`` where ``pred`` else ``old``."""
+  return jax.tree.map(
+      lambda a, b: jnp.where(pred[..., None, None], a, b.astype(a.dtype)),
+      new, old)

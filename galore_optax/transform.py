@@ -1,0 +1,194 @@
+"""``galore_project``: run any optax transformation in a low-rank subspace.
+
+References:
+  Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+  Projection", ICML 2024, arXiv 2403.03507.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from galore_optax import projection
+from galore_optax._checks import check_choice
+from galore_optax._checks import check_finite_number
+from galore_optax._checks import check_positive_int
+
+PROJECTOR_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class GaLoreState(NamedTuple):
+  """State of ``galore_project``.
+
+  Attributes:
+    count: number of updates so far (int32, saturating).
+    projectors: a tree like the parameters holding, for each projected leaf, a
+      ``projection.Projector`` and, for every other leaf, ``optax.MaskedNode``.
+    inner_state: the inner transformation's state, built for the low-rank
+      shapes of the projected leaves and the full shapes of the others.
+  """
+
+  count: jax.Array
+  projectors: Any
+  inner_state: optax.OptState
+
+
+def _is_projected(leaf: Any) -> bool:
+  return hasattr(leaf, "ndim") and leaf.ndim >= 2
+
+
+def _refresh_offsets(num_projected: int, gap: int, stagger: bool) -> list[int]:
+  """Per projected leaf, the phase of its refresh within the gap window."""
+  if not stagger or num_projected == 0:
+    return [0] * num_projected
+  return [(i * gap) // num_projected for i in range(num_projected)]
+
+
+def galore_project(
+    inner: optax.GradientTransformation,
+    *,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    projector_method: str = "svd",
+    projector_dtype: str = "float32",
+    stagger_refresh: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Runs ``inner`` on gradients projected onto a rank-``r`` subspace.
+
+  Every leaf with two or more dimensions is treated as a batch of matrices
+  (the last two axes). Its gradient ``G`` is projected into the subspace of
+  the top-``r`` singular vectors of a recent gradient, ``inner`` runs on the
+  small projected matrix (so its state is small), and ``inner``'s update is
+  projected back to the leaf's shape and multiplied by ``scale``. Leaves with
+  fewer than two dimensions go through ``inner`` at full size.
+
+  The projector is recomputed from the current gradient at updates
+  ``0, T, 2T, ...`` (``T = update_proj_gap``) inside the compiled step (a
+  ``lax.cond``, so refresh and ordinary steps share one compilation).
+  ``inner``'s state is kept across refreshes, as in the reference. A refresh
+  whose gradient or resulting projector is not finite is skipped for that
+  matrix, which keeps its previous projector.
+
+  Args:
+    inner: a transformation that does not need ``params`` (e.g.
+      ``optax.scale_by_adam()``); it receives ``params=None``.
+    rank: requested rank ``r``; each matrix uses ``min(r, m, n)``.
+    update_proj_gap: ``T``, the number of updates between refreshes.
+    scale: ``alpha``, multiplies the back-projected update.
+    proj_type: ``"std"``, ``"reverse_std"``, ``"left"``, ``"right"`` or
+      ``"full"``; see ``galore_optax.projection``.
+    projector_method: ``"svd"`` (exact, the reference) or ``"randomized"``
+      (subspace iteration warm-started from the previous projector).
+    projector_dtype: storage of the projectors, ``"float32"`` or
+      ``"bfloat16"``. Products are computed in float32 either way.
+    stagger_refresh: spread the refreshes of different leaves over the
+      window so that no single step recomputes every projector (all leaves
+      still refresh at update 0).
+    seed: seed of the randomized method's keys, which are derived from it,
+      the leaf's position and the update count, so runs and resumed runs
+      reproduce.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Zhao et al., 2024, arXiv 2403.03507.
+  """
+  rank = check_positive_int("rank", rank)
+  gap = check_positive_int("update_proj_gap", update_proj_gap)
+  check_finite_number("scale", scale)
+  check_choice("proj_type", proj_type, projection.PROJ_TYPES)
+  check_choice("projector_method", projector_method,
+               projection.PROJECTOR_METHODS)
+  check_choice("projector_dtype", projector_dtype, PROJECTOR_DTYPES)
+  storage_dtype = PROJECTOR_DTYPES[projector_dtype]
+  inner = optax.with_extra_args_support(inner)
+
+  def plan(leaf) -> projection.LeafPlan:
+    return projection.plan_leaf(tuple(leaf.shape), rank, proj_type)
+
+  def store(projector: projection.Projector) -> projection.Projector:
+    return optax.tree.cast(projector, storage_dtype)
+
+  def init_fn(params: optax.Params) -> GaLoreState:
+
+    def init_projector(p):
+      if not _is_projected(p):
+        return optax.MaskedNode()
+      return store(projection.initial_projector(plan(p)))
+
+    def lowrank_like(p):
+      if not _is_projected(p):
+        return p
+      return jnp.zeros(plan(p).lowrank_shape, p.dtype)
+
+    return GaLoreState(
+        count=jnp.zeros([], jnp.int32),
+        projectors=jax.tree.map(init_projector, params),
+        inner_state=inner.init(jax.tree.map(lowrank_like, params)),
+    )
+
+  def refresh(grads: list[jax.Array], projectors: list[projection.Projector],
+              leaf_ids: list[int], count: jax.Array) -> list[Any]:
+    out = []
+    for g, old, leaf_id in zip(grads, projectors, leaf_ids):
+      p = plan(g)
+      old32 = optax.tree.cast(old, jnp.float32)
+      key = jax.random.fold_in(
+          jax.random.fold_in(jax.random.key(seed), leaf_id), count)
+      new = projection.compute_projector(
+          g, p, method=projector_method, previous=old32, key=key)
+      grad_ok = jnp.all(jnp.isfinite(g), axis=(-2, -1))
+      ok = grad_ok & projection.is_finite_projector(new, p)
+      out.append(store(projection.select_projector(ok, new, old32)))
+    return out
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    grads, treedef = jax.tree.flatten(updates)
+    projectors = treedef.flatten_up_to(state.projectors)
+    projected = [i for i, g in enumerate(grads) if _is_projected(g)]
+    projected_set = set(projected)
+    offsets = _refresh_offsets(len(projected), gap, stagger_refresh)
+
+    new_projectors = list(projectors)
+    for offset in sorted(set(offsets)):
+      group = [i for i, o in zip(projected, offsets) if o == offset]
+      due = (state.count == 0) | ((state.count - offset) % gap == 0)
+      refreshed = jax.lax.cond(
+          due,
+          lambda ps, group=group: refresh([grads[i] for i in group], ps,
+                                          group, state.count),
+          lambda ps: ps,
+          [projectors[i] for i in group],
+      )
+      for i, proj in zip(group, refreshed):
+        new_projectors[i] = proj
+
+    lowrank = [
+        projection.project(g, new_projectors[i], plan(g)).astype(g.dtype)
+        if i in projected_set else g for i, g in enumerate(grads)
+    ]
+    inner_updates, inner_state = inner.update(
+        treedef.unflatten(lowrank), state.inner_state, None, **extra_args)
+    inner_updates = treedef.flatten_up_to(inner_updates)
+    full = [
+        (projection.project_back(u, new_projectors[i], plan(g)) *
+         scale).astype(g.dtype) if i in projected_set else u
+        for i, (g, u) in enumerate(zip(grads, inner_updates))
+    ]
+    new_state = GaLoreState(
+        count=optax.safe_increment(state.count),
+        projectors=treedef.unflatten(new_projectors),
+        inner_state=inner_state,
+    )
+    return treedef.unflatten(full), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
