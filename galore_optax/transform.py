@@ -17,6 +17,7 @@ from galore_optax import projection
 from galore_optax._checks import check_choice
 from galore_optax._checks import check_finite_number
 from galore_optax._checks import check_positive_int
+from galore_optax.targets import path_to_name
 
 PROJECTOR_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -26,8 +27,10 @@ class GaLoreState(NamedTuple):
 
   Attributes:
     count: number of updates so far (int32, saturating).
-    projectors: a tree like the parameters holding, for each projected leaf, a
-      ``projection.Projector`` and, for every other leaf, ``optax.MaskedNode``.
+    projectors: a dict from each projected leaf's dotted path name (see
+      ``galore_optax.path_to_name``) to its ``projection.Projector``. Keyed
+      by name rather than shaped like the parameters so that container types
+      (e.g. Flax NNX variables) never wrap it.
     inner_state: the inner transformation's state, built for the low-rank
       shapes of the projected leaves and the full shapes of the others.
   """
@@ -117,12 +120,21 @@ def galore_project(
   def store(projector: projection.Projector) -> projection.Projector:
     return optax.tree.cast(projector, storage_dtype)
 
-  def init_fn(params: optax.Params) -> GaLoreState:
+  def named_leaves(tree) -> tuple[list[str], list[Any], Any]:
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = [path_to_name(path) for path, _ in paths_leaves]
+    if len(set(names)) != len(names):
+      dupes = sorted({n for n in names if names.count(n) > 1})
+      raise ValueError(f"Leaf path names must be unique, got duplicates "
+                       f"{dupes[:5]}.")
+    return names, [leaf for _, leaf in paths_leaves], treedef
 
-    def init_projector(p):
-      if not _is_projected(p):
-        return optax.MaskedNode()
-      return store(projection.initial_projector(plan(p)))
+  def init_fn(params: optax.Params) -> GaLoreState:
+    names, leaves, _ = named_leaves(params)
+    projectors = {
+        name: store(projection.initial_projector(plan(p)))
+        for name, p in zip(names, leaves) if _is_projected(p)
+    }
 
     def lowrank_like(p):
       if not _is_projected(p):
@@ -131,7 +143,7 @@ def galore_project(
 
     return GaLoreState(
         count=jnp.zeros([], jnp.int32),
-        projectors=jax.tree.map(init_projector, params),
+        projectors=projectors,
         inner_state=inner.init(jax.tree.map(lowrank_like, params)),
     )
 
@@ -152,13 +164,13 @@ def galore_project(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
-    grads, treedef = jax.tree.flatten(updates)
-    projectors = treedef.flatten_up_to(state.projectors)
+    names, grads, treedef = named_leaves(updates)
     projected = [i for i, g in enumerate(grads) if _is_projected(g)]
+    projectors = {i: state.projectors[names[i]] for i in projected}
     projected_set = set(projected)
     offsets = _refresh_offsets(len(projected), gap, stagger_refresh)
 
-    new_projectors = list(projectors)
+    new_projectors = dict(projectors)
     for offset in sorted(set(offsets)):
       group = [i for i, o in zip(projected, offsets) if o == offset]
       due = (state.count == 0) | ((state.count - offset) % gap == 0)
@@ -186,7 +198,7 @@ def galore_project(
     ]
     new_state = GaLoreState(
         count=optax.safe_increment(state.count),
-        projectors=treedef.unflatten(new_projectors),
+        projectors={names[i]: new_projectors[i] for i in projected},
         inner_state=inner_state,
     )
     return treedef.unflatten(full), new_state

@@ -1,0 +1,147 @@
+"""Projection math: sides, ranks, SVD and randomized projectors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from galore_optax import projection
+
+
+def _matrix(key, m, n, decay=0.7):
+  """A matrix with geometrically decaying singular values."""
+  k1, k2 = jax.random.split(jax.random.key(key))
+  u, _ = jnp.linalg.qr(jax.random.normal(k1, (m, min(m, n))))
+  v, _ = jnp.linalg.qr(jax.random.normal(k2, (n, min(m, n))))
+  s = decay ** jnp.arange(min(m, n))
+  return (u * s) @ v.T
+
+
+# (proj_type, shape) -> (use_left, use_right), as galore_torch chooses.
+SIDES = {
+    ("std", (40, 24)): (False, True),
+    ("std", (24, 40)): (True, False),
+    ("std", (32, 32)): (False, True),
+    ("reverse_std", (40, 24)): (True, False),
+    ("reverse_std", (24, 40)): (False, True),
+    ("reverse_std", (32, 32)): (True, False),
+    ("left", (40, 24)): (True, False),
+    ("right", (24, 40)): (False, True),
+    ("full", (40, 24)): (True, True),
+}
+
+
+@pytest.mark.parametrize("proj_type,shape", list(SIDES))
+def test_sides_match_reference(proj_type, shape):
+  plan = projection.plan_leaf(shape, 8, proj_type)
+  assert (plan.use_left, plan.use_right) == SIDES[(proj_type, shape)]
+
+
+def test_std_keeps_larger_dimension_in_state():
+  assert projection.plan_leaf((4096, 11008), 128, "std").lowrank_shape == (
+      128, 11008)
+  assert projection.plan_leaf((11008, 4096), 128, "std").lowrank_shape == (
+      11008, 128)
+  assert projection.plan_leaf((64, 32), 8, "full").lowrank_shape == (8, 8)
+
+
+def test_effective_rank_is_clipped():
+  plan = projection.plan_leaf((12, 6), 8, "left")
+  assert plan.rank == 6 and plan.left_shape == (12, 6)
+  assert projection.plan_leaf((3, 5, 7), 100, "std").lowrank_shape == (3, 5, 7)
+
+
+def test_unknown_proj_type_raises():
+  with pytest.raises(ValueError, match="proj_type"):
+    projection.plan_leaf((4, 4), 2, "diagonal")
+
+
+@pytest.mark.parametrize("proj_type", projection.PROJ_TYPES)
+def test_svd_projector_is_top_singular_subspace(proj_type):
+  g = _matrix(0, 30, 20)
+  plan = projection.plan_leaf(g.shape, 5, proj_type)
+  proj = projection.compute_projector(g, plan)
+  u, s, vh = np.linalg.svd(np.asarray(g), full_matrices=False)
+  if plan.use_left:
+    p = np.asarray(proj.left)
+    np.testing.assert_allclose(p.T @ p, np.eye(5), atol=1e-5)
+    # Same span as the top-5 left singular vectors, sign canonicalised.
+    np.testing.assert_allclose(np.abs(p.T @ u[:, :5]), np.eye(5), atol=1e-4)
+    assert np.all(p[np.argmax(np.abs(p), axis=0), range(5)] > 0)
+  if plan.use_right:
+    q = np.asarray(proj.right)
+    np.testing.assert_allclose(q @ q.T, np.eye(5), atol=1e-5)
+    np.testing.assert_allclose(np.abs(q @ vh[:5].T), np.eye(5), atol=1e-4)
+    assert np.all(q[range(5), np.argmax(np.abs(q), axis=1)] > 0)
+
+
+@pytest.mark.parametrize("proj_type", projection.PROJ_TYPES)
+def test_project_back_is_orthogonal_projection(proj_type):
+  g = _matrix(1, 24, 16)
+  plan = projection.plan_leaf(g.shape, 4, proj_type)
+  proj = projection.compute_projector(g, plan)
+  low = projection.project(g, proj, plan)
+  assert low.shape == plan.lowrank_shape
+  back = projection.project_back(low, proj, plan)
+  p = np.eye(24) if not plan.use_left else np.asarray(proj.left @ proj.left.T)
+  q = np.eye(16) if not plan.use_right else np.asarray(
+      proj.right.T @ proj.right)
+  np.testing.assert_allclose(back, p @ np.asarray(g) @ q, atol=1e-5)
+
+
+def test_batched_leaf_equals_separate_matrices():
+  gs = jnp.stack([_matrix(i, 20, 12) for i in range(3)])
+  plan = projection.plan_leaf(gs.shape, 4, "std")
+  proj = projection.compute_projector(gs, plan)
+  for i in range(3):
+    single = projection.compute_projector(
+        gs[i], projection.plan_leaf(gs[i].shape, 4, "std"))
+    np.testing.assert_allclose(proj.right[i], single.right, atol=1e-5)
+
+
+def _captured_energy(g, proj, plan):
+  return float(jnp.sum(projection.project(g, proj, plan) ** 2))
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+def test_randomized_captures_exact_energy(proj_type):
+  g = _matrix(2, 64, 48, decay=0.8)
+  plan = projection.plan_leaf(g.shape, 8, proj_type)
+  exact = projection.compute_projector(g, plan)
+  start = projection.initial_projector(plan)
+  fast = projection.compute_projector(
+      g, plan, method="randomized", previous=start, key=jax.random.key(0))
+  ratio = _captured_energy(g, fast, plan) / _captured_energy(g, exact, plan)
+  assert ratio > 0.99
+  for f in fast:
+    if not isinstance(f, optax.MaskedNode):
+      assert bool(jnp.all(jnp.isfinite(f)))
+
+
+def test_randomized_warm_start_tracks_drifting_subspace():
+  g0 = _matrix(3, 64, 48, decay=0.85)
+  plan = projection.plan_leaf(g0.shape, 8, "left")
+  exact0 = projection.compute_projector(g0, plan)
+  g1 = g0 + 0.05 * _matrix(4, 64, 48, decay=0.85)
+  warm = projection.compute_projector(
+      g1, plan, method="randomized", previous=exact0, key=jax.random.key(1),
+      n_iter=1)
+  exact1 = projection.compute_projector(g1, plan)
+  ratio = _captured_energy(g1, warm, plan) / _captured_energy(g1, exact1, plan)
+  assert ratio > 0.999
+
+
+def test_randomized_needs_previous_and_key():
+  plan = projection.plan_leaf((4, 4), 2, "left")
+  with pytest.raises(ValueError, match="previous and key"):
+    projection.compute_projector(jnp.ones((4, 4)), plan, method="randomized")
+
+
+def test_initial_projector_is_orthonormal():
+  plan = projection.plan_leaf((2, 6, 4), 3, "full")
+  proj = projection.initial_projector(plan)
+  assert proj.left.shape == (2, 6, 3) and proj.right.shape == (2, 3, 4)
+  np.testing.assert_allclose(
+      jnp.swapaxes(proj.left, -1, -2) @ proj.left, np.broadcast_to(
+          np.eye(3), (2, 3, 3)))

@@ -1,0 +1,182 @@
+"""galore_project: refresh schedule, state, jit, dtypes, guards."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from galore_optax import GaLoreState
+from galore_optax import galore_project
+from galore_optax import projection
+
+
+def _grads(step, params):
+  key = jax.random.fold_in(jax.random.key(0), step)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten(
+      [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
+
+
+PARAMS = {"w": jnp.zeros((12, 8)), "b": jnp.zeros((8,)),
+          "stack": jnp.zeros((3, 6, 10))}
+
+
+def test_state_shapes_and_types():
+  tx = galore_project(optax.scale_by_adam(), rank=4)
+  state = tx.init(PARAMS)
+  assert isinstance(state, GaLoreState)
+  assert state.count.dtype == jnp.int32
+  assert state.projectors["w"].right.shape == (4, 8)
+  assert isinstance(state.projectors["w"].left, optax.MaskedNode)
+  assert set(state.projectors) == {"w", "stack"}  # 1-D leaves: none
+  assert state.projectors["stack"].left.shape == (3, 6, 4)
+  assert state.inner_state.mu["w"].shape == (12, 4)
+  assert state.inner_state.mu["b"].shape == (8,)
+  assert state.inner_state.mu["stack"].shape == (3, 4, 10)
+
+
+def test_refresh_at_multiples_of_gap_only():
+  tx = galore_project(optax.scale_by_adam(), rank=3, update_proj_gap=3)
+  state = tx.init(PARAMS)
+  update = jax.jit(tx.update)
+  history = []
+  for step in range(8):
+    _, state = update(_grads(step, PARAMS), state)
+    history.append(np.asarray(state.projectors["w"].right))
+  changed = [step for step in range(1, 8)
+             if not np.array_equal(history[step], history[step - 1])]
+  assert changed == [3, 6]
+  # The refresh uses the gradient of that very step.
+  g6 = _grads(6, PARAMS)["w"]
+  expected = projection.compute_projector(
+      g6, projection.plan_leaf((12, 8), 3, "std"))
+  np.testing.assert_allclose(history[6], expected.right, atol=1e-6)
+
+
+def test_moments_are_kept_across_refresh():
+  tx = galore_project(optax.scale_by_adam(), rank=3, update_proj_gap=2)
+  state = tx.init(PARAMS)
+  for step in range(2):
+    _, state = tx.update(_grads(step, PARAMS), state)
+  mu_before = state.inner_state.mu["w"]
+  g = _grads(2, PARAMS)
+  _, after = tx.update(g, state)
+  low = projection.project(g["w"], after.projectors["w"],
+                           projection.plan_leaf((12, 8), 3, "std"))
+  np.testing.assert_allclose(after.inner_state.mu["w"],
+                             0.9 * mu_before + 0.1 * low, rtol=1e-5, atol=1e-6)
+  assert int(after.inner_state.count) == 3
+
+
+def test_update_is_scaled_back_projection():
+  tx = galore_project(optax.identity(), rank=3, scale=0.5)
+  g = _grads(0, PARAMS)
+  upd, state = tx.update(g, tx.init(PARAMS))
+  plan = projection.plan_leaf((12, 8), 3, "std")
+  q = state.projectors["w"].right
+  np.testing.assert_allclose(upd["w"], 0.5 * (g["w"] @ q.T) @ q, atol=1e-5)
+  np.testing.assert_array_equal(upd["b"], g["b"])
+  del plan
+
+
+def test_small_leaves_get_inner_at_full_size():
+  inner = optax.scale_by_adam()
+  tx = galore_project(inner, rank=3)
+  g = _grads(0, PARAMS)
+  upd, _ = tx.update(g, tx.init(PARAMS))
+  ref, _ = inner.update({"b": g["b"]}, inner.init({"b": PARAMS["b"]}))
+  np.testing.assert_allclose(upd["b"], ref["b"], rtol=1e-6)  # f32 rounding
+
+
+def test_jit_compiles_once_and_state_is_invariant():
+  tx = galore_project(optax.scale_by_adam(), rank=3, update_proj_gap=2)
+  state = tx.init(PARAMS)
+  traces = []
+
+  @jax.jit
+  def step(g, state):
+    traces.append(1)
+    return tx.update(g, state)
+
+  for i in range(5):
+    _, new_state = step(_grads(i, PARAMS), state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
+    state = new_state
+  assert len(traces) == 1
+
+
+def test_bf16_params_keep_dtype_and_float32_projectors():
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
+  tx = galore_project(optax.scale_by_adam(), rank=3)
+  state = tx.init(params)
+  upd, state = jax.jit(tx.update)(_grads(0, params), state)
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(upd))
+  assert state.projectors["w"].right.dtype == jnp.float32
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(upd))
+
+
+def test_bfloat16_projector_storage():
+  tx = galore_project(optax.scale_by_adam(), rank=3, projector_dtype="bfloat16")
+  state = tx.init(PARAMS)
+  _, state = tx.update(_grads(0, PARAMS), state)
+  assert state.projectors["w"].right.dtype == jnp.bfloat16
+
+
+def test_non_finite_gradient_keeps_previous_projector():
+  tx = galore_project(optax.scale_by_adam(), rank=3, update_proj_gap=2)
+  state = tx.init(PARAMS)
+  _, state = tx.update(_grads(0, PARAMS), state)
+  before = state.projectors
+  bad = _grads(1, PARAMS)
+  _, state = tx.update(bad, state)
+  bad = _grads(2, PARAMS)
+  bad["w"] = bad["w"].at[0, 0].set(jnp.nan)
+  bad["stack"] = bad["stack"].at[1, 0, 0].set(jnp.inf)
+  _, state = tx.update(bad, state)  # a refresh step
+  np.testing.assert_array_equal(state.projectors["w"].right,
+                                before["w"].right)
+  # Per matrix of a stacked leaf: only the poisoned matrix keeps its own.
+  np.testing.assert_array_equal(state.projectors["stack"].left[1],
+                                before["stack"].left[1])
+  assert not np.array_equal(state.projectors["stack"].left[0],
+                            before["stack"].left[0])
+  assert all(bool(jnp.all(jnp.isfinite(x)))
+             for x in jax.tree.leaves(state.projectors))
+
+
+def test_staggered_refresh_spreads_leaves():
+  params = {f"w{i}": jnp.zeros((8, 6)) for i in range(4)}
+  tx = galore_project(optax.scale_by_adam(), rank=2, update_proj_gap=4,
+                      stagger_refresh=True)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  prev = None
+  refreshed = {}
+  for step in range(9):
+    _, state = update(_grads(step, params), state)
+    cur = {k: np.asarray(v.right) for k, v in state.projectors.items()}
+    if prev is not None:
+      refreshed[step] = sorted(k for k in cur
+                               if not np.array_equal(cur[k], prev[k]))
+    prev = cur
+  assert refreshed == {1: ["w1"], 2: ["w2"], 3: ["w3"], 4: ["w0"], 5: ["w1"],
+                       6: ["w2"], 7: ["w3"], 8: ["w0"]}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"rank": 0}, "rank"),
+    ({"rank": 2.5}, "rank"),
+    ({"rank": True}, "rank"),
+    ({"rank": jnp.asarray(4)}, "static_args"),
+    ({"update_proj_gap": -1}, "update_proj_gap"),
+    ({"proj_type": "diag"}, "proj_type"),
+    ({"projector_method": "qr"}, "projector_method"),
+    ({"projector_dtype": "int4"}, "projector_dtype"),
+    ({"scale": float("nan")}, "scale"),
+])
+def test_bad_arguments_raise_at_construction(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    galore_project(optax.scale_by_adam(), **kwargs)
