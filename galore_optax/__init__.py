@@ -5,10 +5,17 @@ References:
   Projection", ICML 2024, arXiv 2403.03507.
 """
 
+from galore_optax import projection
+from galore_optax import quantization
+from galore_optax import targets
+from galore_optax.aliases import adamw_8bit
 from galore_optax.aliases import galore_adamw
+from galore_optax.aliases import galore_adamw_8bit
 from galore_optax.projection import PROJ_TYPES
 from galore_optax.projection import PROJECTOR_METHODS
 from galore_optax.projection import Projector
+from galore_optax.state_8bit import QuantizedState
+from galore_optax.state_8bit import quantize_state_8bit
 from galore_optax.targets import galore_labels
 from galore_optax.targets import path_to_name
 from galore_optax.targets import target_mask
@@ -19,6 +26,13 @@ __version__ = "0.1.0"
 
 __all__ = (
     "GaLoreState",
+    "QuantizedState",
+    "adamw_8bit",
+    "galore_adamw_8bit",
+    "projection",
+    "quantization",
+    "quantize_state_8bit",
+    "targets",
     "PROJECTOR_METHODS",
     "PROJ_TYPES",
     "Projector",

@@ -13,6 +13,7 @@ from typing import Any
 import optax
 
 from galore_optax import targets
+from galore_optax.state_8bit import quantize_state_8bit
 from galore_optax.transform import galore_project
 
 
@@ -118,3 +119,118 @@ def galore_adamw(
   )
 
 
+
+
+def adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    block_size: int = 256,
+    min_size: int = 4096,
+) -> optax.GradientTransformationExtraArgs:
+  """AdamW with 8-bit block-wise moments: a drop-in for ``optax.adamw``.
+
+  Moments of leaves with at least ``min_size`` elements are stored as 8-bit
+  codes on bitsandbytes' dynamic maps (signed for the first moment, unsigned
+  for the second) with one float32 scale per ``block_size`` values.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: decoupled weight decay rate.
+    weight_decay_mask: optional mask or mask function for the decay.
+    block_size: values per float32 scale.
+    min_size: smaller state leaves stay float32.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR
+    2022, arXiv 2110.02861.
+  """
+  return optax.chain(
+      quantize_state_8bit(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                          block_size=block_size, min_size=min_size),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def galore_adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    target_modules: targets.TargetModules = None,
+    weight_decay_mask: Any = None,
+    block_size: int = 256,
+    min_size: int = 4096,
+    projector_method: str = "svd",
+    projector_dtype: str = "float32",
+    stagger_refresh: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """GaLore AdamW with 8-bit moments: ``galore_adamw`` + ``adamw_8bit``.
+
+  Target leaves run ``galore_project(quantize_state_8bit(scale_by_adam))``:
+  the low-rank moments are stored in 8 bits when the *projected* leaf has at
+  least ``min_size`` elements, as ``galore_torch.GaLoreAdamW8bit`` does.
+  Other leaves run 8-bit AdamW at full size. ``projector_dtype="int8"``
+  also stores the projectors in 8 bits.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank: GaLore rank ``r``.
+    update_proj_gap: updates between projector refreshes.
+    scale: ``alpha``, multiplies the back-projected update.
+    proj_type: ``std``, ``reverse_std``, ``left``, ``right`` or ``full``.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: decoupled weight decay rate.
+    target_modules: which leaves are projected (see ``galore_adamw``).
+    weight_decay_mask: optional mask or mask function for the decay.
+    block_size: values per float32 scale of the 8-bit states.
+    min_size: smaller state leaves stay float32.
+    projector_method: ``svd`` (exact) or ``randomized``.
+    projector_dtype: ``float32``, ``bfloat16`` or ``int8`` projectors.
+    stagger_refresh: spread projector refreshes over the window.
+    seed: seed of the randomized projector's keys.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Zhao et al., 2024, arXiv 2403.03507; Dettmers et al., 2022,
+    arXiv 2110.02861.
+  """
+  return _galore_chain(
+      lambda: quantize_state_8bit(
+          optax.scale_by_adam(b1=b1, b2=b2, eps=eps), block_size=block_size,
+          min_size=min_size),
+      learning_rate,
+      target_modules=target_modules,
+      weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask,
+      rank=rank,
+      update_proj_gap=update_proj_gap,
+      scale=scale,
+      proj_type=proj_type,
+      projector_method=projector_method,
+      projector_dtype=projector_dtype,
+      stagger_refresh=stagger_refresh,
+      seed=seed,
+  )

@@ -14,12 +14,16 @@ import jax.numpy as jnp
 import optax
 
 from galore_optax import projection
+from galore_optax import quantization
 from galore_optax._checks import check_choice
 from galore_optax._checks import check_finite_number
 from galore_optax._checks import check_positive_int
 from galore_optax.targets import path_to_name
 
-PROJECTOR_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PROJECTOR_DTYPES = ("float32", "bfloat16", "int8")
+# Orthonormal factors are dense and sign-balanced: one float32 scale per 256
+# values on the signed dynamic map, as bitsandbytes does for first moments.
+_PROJECTOR_BLOCK_SIZE = 256
 
 
 class GaLoreState(NamedTuple):
@@ -89,8 +93,10 @@ def galore_project(
       ``"full"``; see ``galore_optax.projection``.
     projector_method: ``"svd"`` (exact, the reference) or ``"randomized"``
       (subspace iteration warm-started from the previous projector).
-    projector_dtype: storage of the projectors, ``"float32"`` or
-      ``"bfloat16"``. Products are computed in float32 either way.
+    projector_dtype: storage of the projectors: ``"float32"`` (default),
+      ``"bfloat16"`` or ``"int8"`` (block-wise 8-bit codes with one float32
+      scale per 256 values, in the spirit of Q-GaLore's INT4 projectors).
+      They are dequantised on the fly; products are computed in float32.
     stagger_refresh: spread the refreshes of different leaves over the
       window so that no single step recomputes every projector (all leaves
       still refresh at update 0).
@@ -111,14 +117,26 @@ def galore_project(
   check_choice("projector_method", projector_method,
                projection.PROJECTOR_METHODS)
   check_choice("projector_dtype", projector_dtype, PROJECTOR_DTYPES)
-  storage_dtype = PROJECTOR_DTYPES[projector_dtype]
   inner = optax.with_extra_args_support(inner)
 
   def plan(leaf) -> projection.LeafPlan:
     return projection.plan_leaf(tuple(leaf.shape), rank, proj_type)
 
   def store(projector: projection.Projector) -> projection.Projector:
-    return optax.tree.cast(projector, storage_dtype)
+    """Float32 factors -> storage (float32, bfloat16 or 8-bit codes)."""
+    if projector_dtype == "int8":
+      return jax.tree.map(
+          lambda x: quantization.quantize(x, True, _PROJECTOR_BLOCK_SIZE),
+          projector)
+    return optax.tree.cast(projector, jnp.dtype(projector_dtype))
+
+  def load(stored: projection.Projector) -> projection.Projector:
+    """Storage -> float32 factors for the products and the refresh."""
+    if projector_dtype == "int8":
+      return projection.Projector(*(
+          f if isinstance(f, optax.MaskedNode) else quantization.dequantize(
+              f, True, _PROJECTOR_BLOCK_SIZE) for f in stored))
+    return optax.tree.cast(stored, jnp.float32)
 
   def named_leaves(tree) -> tuple[list[str], list[Any], Any]:
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -152,7 +170,7 @@ def galore_project(
     out = []
     for g, old, leaf_id in zip(grads, projectors, leaf_ids):
       p = plan(g)
-      old32 = optax.tree.cast(old, jnp.float32)
+      old32 = load(old)
       key = jax.random.fold_in(
           jax.random.fold_in(jax.random.key(seed), leaf_id), count)
       new = projection.compute_projector(
@@ -184,15 +202,16 @@ def galore_project(
       for i, proj in zip(group, refreshed):
         new_projectors[i] = proj
 
+    factors = {i: load(new_projectors[i]) for i in projected}
     lowrank = [
-        projection.project(g, new_projectors[i], plan(g)).astype(g.dtype)
+        projection.project(g, factors[i], plan(g)).astype(g.dtype)
         if i in projected_set else g for i, g in enumerate(grads)
     ]
     inner_updates, inner_state = inner.update(
         treedef.unflatten(lowrank), state.inner_state, None, **extra_args)
     inner_updates = treedef.flatten_up_to(inner_updates)
     full = [
-        (projection.project_back(u, new_projectors[i], plan(g)) *
+        (projection.project_back(u, factors[i], plan(g)) *
          scale).astype(g.dtype) if i in projected_set else u
         for i, (g, u) in enumerate(zip(grads, inner_updates))
     ]
