@@ -59,3 +59,42 @@ def check_finite_number(name: str, value: Any) -> Any:
   if not np.isfinite(value):
     raise ValueError(f"{name} must be finite, got {value!r}.")
   return value
+
+
+def check_number_in_range(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> Any:
+  """Like ``check_finite_number``, and within ``[low, high]``.
+
+  Arrays (possibly traced hyper-parameters) are let through unchecked.
+
+  Args:
+    name: the argument's name, for the message.
+    value: the value given.
+    low: the lower bound, or ``None`` for none.
+    high: the upper bound, or ``None`` for none.
+    low_inclusive: whether ``value == low`` is allowed.
+    high_inclusive: whether ``value == high`` is allowed.
+
+  Returns:
+    ``value`` unchanged.
+  """
+  check_finite_number(name, value)
+  if isinstance(value, (jax.Array, np.ndarray)):
+    return value
+  too_low = low is not None and (value < low or
+                                 (not low_inclusive and value == low))
+  too_high = high is not None and (value > high or
+                                   (not high_inclusive and value == high))
+  if too_low or too_high:
+    left = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low}"
+    right = ("inf)" if high is None else
+             f"{high}" + ("]" if high_inclusive else ")"))
+    raise ValueError(f"{name} must be in {left}, {right}, got {value!r}.")
+  return value

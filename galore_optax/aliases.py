@@ -13,23 +13,23 @@ from typing import Any
 import optax
 
 from galore_optax import targets
+from galore_optax._checks import check_finite_number
+from galore_optax.adafactor import scale_by_adafactor
 from galore_optax.state_8bit import quantize_state_8bit
 from galore_optax.transform import galore_project
 
 
 def _galore_chain(
     make_inner: Callable[[], optax.GradientTransformation],
-    learning_rate: optax.ScalarOrSchedule,
-    *,
+    *tail: optax.GradientTransformation,
     target_modules: targets.TargetModules,
-    weight_decay: float,
-    weight_decay_mask: Any,
     **galore_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Targets get ``galore_project(inner)``, other leaves ``inner`` itself.
 
-  Weight decay is decoupled and applies to the full weights of every leaf
-  (or those in ``weight_decay_mask``), then the learning rate scales all.
+  ``tail`` (weight decay, learning rate, sign) then applies to the full-size
+  updates of every leaf. Where the learning rate goes depends on the inner
+  optimizer: after the projection for Adam, inside ``inner`` for Adafactor.
   """
   return optax.chain(
       optax.partition(
@@ -40,8 +40,7 @@ def _galore_chain(
           },
           targets.galore_labels(target_modules),
       ),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      *tail,
   )
 
 
@@ -104,10 +103,9 @@ def galore_adamw(
   """
   return _galore_chain(
       lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
-      learning_rate,
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
       target_modules=target_modules,
-      weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask,
       rank=rank,
       update_proj_gap=update_proj_gap,
       scale=scale,
@@ -119,6 +117,101 @@ def galore_adamw(
   )
 
 
+def _lr_scaled_weight_decay(
+    weight_decay: float, learning_rate: optax.ScalarOrSchedule
+) -> optax.ScalarOrSchedule:
+  """``weight_decay * lr`` as a constant or, for a schedule, a schedule."""
+  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+    return 0.0  # lets optax skip the decay (and keep no count)
+  if callable(learning_rate):
+    return lambda count: weight_decay * learning_rate(count)
+  return weight_decay * learning_rate
+
+
+def galore_adafactor(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    beta1: float | None = None,
+    decay_rate: float = -0.8,
+    eps: float = 1e-30,
+    clip_threshold: float = 1.0,
+    weight_decay: float = 0.0,
+    target_modules: targets.TargetModules = None,
+    weight_decay_mask: Any = None,
+    projector_method: str = "svd",
+    projector_dtype: str = "float32",
+    stagger_refresh: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Adafactor whose factored moments live in a GaLore subspace.
+
+  ``galore_torch.GaLoreAdafactor`` with an external learning rate
+  (``relative_step=False, scale_parameter=False, warmup_init=False``, as
+  Hugging Face's ``Trainer`` builds ``galore_adafactor``). Target leaves get
+  ``galore_project(scale_by_adafactor(...))``: the row/column second-moment
+  factors (and the first moment, with ``beta1``) are kept for the projected
+  gradient; the learning rate is applied inside, before the first-moment
+  average and the back-projection, as in the reference. Every other leaf gets
+  plain Adafactor at full size (factored when it has two or more
+  dimensions). Weight decay multiplies the pre-update weights by the current
+  learning rate: ``p <- p - lr * weight_decay * p - update``.
+
+  Example::
+
+    tx = galore_adafactor(1e-2, rank=128, target_modules=["attn", "mlp"])
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank: GaLore rank ``r`` (each matrix uses ``min(r, m, n)``).
+    update_proj_gap: updates between projector refreshes ``T``.
+    scale: ``alpha``, multiplies the back-projected update.
+    proj_type: ``std``, ``reverse_std``, ``left``, ``right`` or ``full``.
+    beta1: first-moment decay, or ``None`` (the default) for none.
+    decay_rate: second-moment decay exponent, ``beta2_t = 1 - t **
+      decay_rate``.
+    eps: added to the squared gradient (Hugging Face's ``eps[0]``; its
+      ``eps[1]`` only matters with ``scale_parameter=True``).
+    clip_threshold: largest RMS of each update matrix before the learning
+      rate.
+    weight_decay: decay rate, multiplied by the learning rate.
+    target_modules: which leaves are projected; ``None`` means every leaf
+      with two or more dimensions.
+    weight_decay_mask: optional mask or mask function for the decay.
+    projector_method: ``svd`` (exact) or ``randomized``.
+    projector_dtype: ``float32``, ``bfloat16`` or ``int8`` projectors.
+    stagger_refresh: spread projector refreshes over the window.
+    seed: seed of the randomized projector's keys.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Zhao et al., 2024, arXiv 2403.03507; Shazeer and Stern, 2018,
+    arXiv 1804.04235.
+  """
+  check_finite_number("weight_decay", weight_decay)
+  return _galore_chain(
+      lambda: scale_by_adafactor(learning_rate, beta1=beta1,
+                                 decay_rate=decay_rate, eps=eps,
+                                 clip_threshold=clip_threshold),
+      optax.add_decayed_weights(
+          _lr_scaled_weight_decay(weight_decay, learning_rate),
+          weight_decay_mask),
+      optax.scale(-1.0),  # scale_by_adafactor's update is not negated
+      target_modules=target_modules,
+      rank=rank,
+      update_proj_gap=update_proj_gap,
+      scale=scale,
+      proj_type=proj_type,
+      projector_method=projector_method,
+      projector_dtype=projector_dtype,
+      stagger_refresh=stagger_refresh,
+      seed=seed,
+  )
 
 
 def adamw_8bit(
@@ -221,10 +314,9 @@ def galore_adamw_8bit(
       lambda: quantize_state_8bit(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps), block_size=block_size,
           min_size=min_size),
-      learning_rate,
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
       target_modules=target_modules,
-      weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask,
       rank=rank,
       update_proj_gap=update_proj_gap,
       scale=scale,

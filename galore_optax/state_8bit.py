@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_optax import adafactor
 from galore_optax import quantization
 from galore_optax._checks import check_positive_int
 
@@ -26,10 +27,13 @@ KeyPath = jax.tree_util.KeyPath  # as given by jax.tree_util.*_with_path
 
 # State fields holding non-negative second moments. ``nu`` is the second
 # moment of every optax state that has one (Adam and its variants, RMS, SM3,
-# Yogi, Novograd, ...); the ``v*`` names are only claimed for optax's
-# Adafactor state because other states use ``v`` for signed quantities.
+# Yogi, Novograd, ...); the ``v*`` names are only claimed for the Adafactor
+# states (optax's and ours) because other states use ``v`` for signed
+# quantities.
 SECOND_MOMENT_FIELDS = frozenset({"nu", "nu_max"})
 FACTORED_SECOND_MOMENT_FIELDS = frozenset({"v_row", "v_col", "v"})
+FACTORED_STATE_TYPES = (optax.FactoredState,
+                        adafactor.ScaleByFactoredRmsHfState)
 
 
 class QuantizedState(NamedTuple):
@@ -85,7 +89,7 @@ def is_second_moment(state: optax.OptState, path: KeyPath) -> bool:
     if _is_namedtuple(node) and name is not None:
       if name in SECOND_MOMENT_FIELDS:
         return True
-      if (isinstance(node, optax.FactoredState) and
+      if (isinstance(node, FACTORED_STATE_TYPES) and
           name in FACTORED_SECOND_MOMENT_FIELDS):
         return True
     try:
@@ -145,7 +149,7 @@ def quantize_state_8bit(
       (a ``jax.tree_util`` key path into ``inner``'s state) is non-negative
       and should use the unsigned map. Negative values of such a leaf are
       stored as 0. Defaults to ``is_second_moment``: the ``nu`` fields of
-      optax's states and ``v_row``/``v_col``/``v`` of its factored state.
+      optax's states and ``v_row``/``v_col``/``v`` of the Adafactor states.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
