@@ -5,12 +5,24 @@ References:
   Projection", ICML 2024, arXiv 2403.03507.
 """
 
+from galore_optax import adafactor
+from galore_optax import names
 from galore_optax import projection
 from galore_optax import quantization
 from galore_optax import targets
+from galore_optax.adafactor import ScaleByFactoredRmsHfState
+from galore_optax.adafactor import clip_by_matrix_rms
+from galore_optax.adafactor import scale_by_adafactor
+from galore_optax.adafactor import scale_by_factored_rms_hf
 from galore_optax.aliases import adamw_8bit
+from galore_optax.aliases import galore_adafactor
 from galore_optax.aliases import galore_adamw
 from galore_optax.aliases import galore_adamw_8bit
+from galore_optax.names import OPTIMIZER_NAMES
+from galore_optax.names import create_optimizer
+from galore_optax.names import optimizer_arguments
+from galore_optax.names import parse_optim_args
+from galore_optax.names import parse_optimizer_name
 from galore_optax.projection import PROJ_TYPES
 from galore_optax.projection import PROJECTOR_METHODS
 from galore_optax.projection import Projector
@@ -26,6 +38,18 @@ __version__ = "0.1.0"
 
 __all__ = (
     "GaLoreState",
+    "OPTIMIZER_NAMES",
+    "ScaleByFactoredRmsHfState",
+    "adafactor",
+    "clip_by_matrix_rms",
+    "create_optimizer",
+    "galore_adafactor",
+    "names",
+    "optimizer_arguments",
+    "parse_optim_args",
+    "parse_optimizer_name",
+    "scale_by_adafactor",
+    "scale_by_factored_rms_hf",
     "QuantizedState",
     "adamw_8bit",
     "galore_adamw_8bit",
