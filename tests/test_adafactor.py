@@ -22,6 +22,7 @@ Tolerances are float32 rounding: the measured worst parameter error is
 1.2e-7 (4.8e-7 with weight decay) on parameters of size ~1.
 """
 
+import functools
 import pathlib
 
 import jax
@@ -51,62 +52,106 @@ def ref():
     return {k: f[k] for k in f.keys() if k != "__meta__"}
 
 
-def _tx(beta1, weight_decay=0.0, **kwargs):
-  kwargs = {"rank": 8, "update_proj_gap": 4, "scale": 0.25,
-            "proj_type": "std", "decay_rate": -0.8, "eps": 1e-30,
-            "clip_threshold": 1.0, **kwargs}
-  return galore_adafactor(0.01, beta1=beta1, weight_decay=weight_decay,
-                          target_modules="w", **kwargs)
+# Everything that fixes shapes or the program structure; the numeric
+# hyper-parameters are traced (optax.inject_hyperparams), and both GaLore
+# shapes train side by side in one parameter tree (their projectors and
+# states are per leaf), so that all runs with or without beta1 share one
+# compilation (compiling the chain takes seconds on two cores, running it
+# milliseconds).
+_STATIC = ("rank", "update_proj_gap", "proj_type", "target_modules",
+           "projector_method", "projector_dtype", "stagger_refresh", "seed")
+_REFERENCE_SETTINGS = {"scale": 0.25, "decay_rate": -0.8, "eps": 1e-30,
+                       "clip_threshold": 1.0, "weight_decay": 0.0}
+_TARGETS = "tall|wide"
 
 
-def _snapshot(state, beta1):
+@functools.lru_cache(maxsize=None)
+def _optimizer(with_beta1):
+  tx = optax.inject_hyperparams(galore_adafactor, static_args=_STATIC)(
+      learning_rate=0.01, rank=8, update_proj_gap=4, proj_type="std",
+      beta1=0.9 if with_beta1 else None, target_modules=_TARGETS,
+      **_REFERENCE_SETTINGS)
+  return tx, jax.jit(tx.update)
+
+
+def _params0(ref):
+  return {k: jnp.asarray(ref[f"params0/{k}"])
+          for k in ("tall", "wide", "mat", "vec")}
+
+
+def _grads(ref, t):
+  return {k: ref[f"grads/{k}"][t] for k in ("tall", "wide", "mat", "vec")}
+
+
+def _snapshot(chain_state, shape):
   """The states the fixture stores, in its names, from our chain's state."""
-  partition = state[0]
+  partition = chain_state[0]
   galore = partition.inner_states["galore"].inner_state
   full = partition.inner_states["full_rank"].inner_state
   out = {
-      "exp_avg_sq_row": galore.inner_state[0].v_row["w"],
-      "exp_avg_sq_col": galore.inner_state[0].v_col["w"],
+      "exp_avg_sq_row": galore.inner_state[0].v_row[shape],
+      "exp_avg_sq_col": galore.inner_state[0].v_col[shape],
       "mat/exp_avg_sq_row": full[0].v_row["mat"],
       "mat/exp_avg_sq_col": full[0].v_col["mat"],
       "vec/exp_avg_sq": full[0].v["vec"],
   }
-  if beta1 is not None:
-    out["exp_avg"] = galore.inner_state[3].ema["w"]
+  if len(galore.inner_state) > 3:  # with beta1
+    out["exp_avg"] = galore.inner_state[3].ema[shape]
     out["mat/exp_avg"] = full[3].ema["mat"]
     out["vec/exp_avg"] = full[3].ema["vec"]
-  return out, galore.projectors["w"]
+  return out, galore.projectors[shape]
 
 
-def _run(ref, shape, tx, beta1=None):
-  """Our trajectory: params, states and projectors after each step."""
-  params = {"w": jnp.asarray(ref[f"params0/{shape}"]),
-            "mat": jnp.asarray(ref["params0/mat"]),
-            "vec": jnp.asarray(ref["params0/vec"])}
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  out = {}
-  projectors = []
-  for t in range(STEPS):
-    grads = {"w": ref[f"grads/{shape}"][t], "mat": ref["grads/mat"][t],
-             "vec": ref["grads/vec"][t]}
-    updates, state = update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-    states, projector = _snapshot(state, beta1)
-    rows = {"params": params["w"], "mat/params": params["mat"],
+def _record(out, params, chain_state):
+  """Appends the fixture's per-step arrays, for both shapes, to ``out``."""
+  for shape in ("tall", "wide"):
+    states, projector = _snapshot(chain_state, shape)
+    rows = {"params": params[shape], "mat/params": params["mat"],
             "vec/params": params["vec"], **states}
     for k, v in rows.items():
-      out.setdefault(k, []).append(np.asarray(v))
-    projectors.append(projector)
-  return {k: np.stack(v) for k, v in out.items()}, projectors
+      out[shape].setdefault(k, []).append(np.asarray(v))
+    out[shape].setdefault("projectors", []).append(projector)
 
 
-def _assert_case(ref, case, ours, galore_steps=STEPS):
+_CACHE = {}
+
+
+def _run(ref, shape, beta1=None, **settings):
+  """Our trajectory: params, states and projectors after each step.
+
+  Cached: the raw and canonical cases see the same gradients, so ours is the
+  same run compared against both.
+  """
+  key = (beta1, tuple(sorted(settings.items())))
+  if key not in _CACHE:
+    tx, update = _optimizer(beta1 is not None)
+    params = _params0(ref)
+    state = tx.init(params)
+    hyper = dict(state.hyperparams)
+    for k, v in {**settings, **({"beta1": beta1} if beta1 else {})}.items():
+      hyper[k] = jnp.asarray(v, hyper[k].dtype)
+    state = state._replace(hyperparams=hyper)
+    out = {"tall": {}, "wide": {}}
+    for t in range(STEPS):
+      updates, state = update(_grads(ref, t), state, params)
+      params = optax.apply_updates(params, updates)
+      _record(out, params, state.inner_state)
+    _CACHE[key] = {
+        s: ({k: np.stack(v) for k, v in rows.items() if k != "projectors"},
+            rows["projectors"]) for s, rows in out.items()}
+  return _CACHE[key][shape]
+
+
+def _assert_case(ref, case, ours, galore_steps=STEPS, signed_moments=True):
   for key, values in ours.items():
     expected = ref[f"{case}/{key}"]
     steps = STEPS if "/" in key else galore_steps  # mat/..., vec/...
     tol = (dict(rtol=RTOL, atol=ATOL) if key.endswith("params")
            else dict(rtol=STATE_RTOL, atol=1e-6))
+    if key == "exp_avg" and not signed_moments:
+      # The low-rank first moment's columns carry the singular vectors'
+      # signs; only magnitudes are comparable with LAPACK's signs.
+      values, expected = np.abs(values), np.abs(expected)
     np.testing.assert_allclose(values[:steps], expected[:steps],
                                err_msg=f"{case}/{key}", **tol)
 
@@ -118,9 +163,8 @@ def _beta1(name):
 @pytest.mark.parametrize("shape", ["tall", "wide"])
 @pytest.mark.parametrize("b1name", ["none", "0.9"])
 def test_canonical_trajectory_matches_reference(ref, b1name, shape):
-  beta1 = _beta1(b1name)
   case = f"canonical/beta1_{b1name}/{shape}"
-  ours, projectors = _run(ref, shape, _tx(beta1), beta1)
+  ours, projectors = _run(ref, shape, _beta1(b1name))
   _assert_case(ref, case, ours)
   side = "right" if shape == "tall" else "left"  # std keeps the larger side
   for window, step in enumerate(REFRESHES):
@@ -132,22 +176,15 @@ def test_canonical_trajectory_matches_reference(ref, b1name, shape):
 @pytest.mark.parametrize("b1name", ["none", "0.9"])
 def test_raw_sign_trajectory_matches_reference(ref, b1name, shape):
   beta1 = _beta1(b1name)
-  ours, _ = _run(ref, shape, _tx(beta1), beta1)
+  ours, _ = _run(ref, shape, beta1)
   # See the module docstring: without a first moment signs cancel for good.
   _assert_case(ref, f"beta1_{b1name}/{shape}", ours,
-               galore_steps=STEPS if beta1 is None else REFRESHES[1])
+               galore_steps=STEPS if beta1 is None else REFRESHES[1],
+               signed_moments=False)
 
 
 def test_weight_decay_matches_reference(ref):
-  ours, _ = _run(ref, "tall", _tx(0.9, weight_decay=0.1), 0.9)
-  _assert_case(ref, "canonical/wd/beta1_0.9/tall", ours)
-
-
-def test_weight_decay_with_constant_schedule_matches_reference(ref):
-  """The schedule path (lr and lr * wd as functions) gives the same result."""
-  tx = galore_adafactor(lambda count: 0.01, rank=8, update_proj_gap=4,
-                        beta1=0.9, weight_decay=0.1, target_modules="w")
-  ours, _ = _run(ref, "tall", tx, 0.9)
+  ours, _ = _run(ref, "tall", 0.9, weight_decay=0.1)
   _assert_case(ref, "canonical/wd/beta1_0.9/tall", ours)
 
 
@@ -163,24 +200,59 @@ def test_wrong_setting_is_detected(ref, wrong):
   ``clip_threshold=1e9`` (no clipping) differing shows that the reference's
   clipping is active on these gradients.
   """
-  kwargs = {"beta1": 0.9, **wrong}
-  beta1 = kwargs.pop("beta1")
-  ours, _ = _run(ref, "tall", _tx(beta1, **kwargs), beta1)
+  settings = {"beta1": 0.9, **wrong}
+  ours, _ = _run(ref, "tall", **settings)
   expected = ref["canonical/beta1_0.9/tall/params"]
   assert not np.allclose(ours["params"], expected, rtol=RTOL, atol=ATOL)
 
 
+def test_plain_alias_with_schedule_matches_reference_and_jits_once(ref):
+  """The plain alias (Python-float settings; the runs above go through
+  inject_hyperparams), a schedule for the learning rate (so ``lr * wd`` is a
+  schedule too), and one compilation for all steps, refreshes included."""
+  traces = []
+  tx = galore_adafactor(lambda count: 0.01, rank=8, update_proj_gap=4,
+                        beta1=0.9, weight_decay=0.1, target_modules=_TARGETS)
+
+  @jax.jit
+  def step(params, state, grads):
+    traces.append(None)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  params = _params0(ref)
+  state = tx.init(params)
+  out = {"tall": {}, "wide": {}}
+  for t in range(STEPS):
+    params, state = step(params, state, _grads(ref, t))
+    _record(out, params, state)
+  assert len(traces) == 1
+  ours = {k: np.stack(v) for k, v in out["tall"].items() if k != "projectors"}
+  _assert_case(ref, "canonical/wd/beta1_0.9/tall", ours)
+
+
+def _jit_run(tx, params, grads_list):
+  """Applies ``tx`` for each gradient tree, one compiled step; final params."""
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for grads in grads_list:
+    params, state = step(params, state, grads)
+  return params
+
+
 def test_weight_decay_follows_a_learning_rate_schedule():
   """With zero gradients only the decay acts: p <- p (1 - wd * lr_t)."""
-  schedule = lambda count: 0.1 * (count + 1)
-  tx = galore_adafactor(schedule, rank=2, update_proj_gap=2, beta1=0.9,
-                        weight_decay=0.5, target_modules="w")
+  tx = galore_adafactor(lambda count: 0.1 * (count + 1), rank=2,
+                        update_proj_gap=2, beta1=0.9, weight_decay=0.5,
+                        target_modules="w")
   params = {"w": jnp.ones((6, 4)), "b": jnp.ones((3,))}
-  state = tx.init(params)
-  for _ in range(3):
-    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state,
-                               params)
-    params = optax.apply_updates(params, updates)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  params = _jit_run(tx, params, [zeros] * 3)
   expected = (1 - 0.05) * (1 - 0.1) * (1 - 0.15)
   for leaf in jax.tree.leaves(params):
     np.testing.assert_allclose(leaf, expected, rtol=1e-6)
@@ -189,70 +261,49 @@ def test_weight_decay_follows_a_learning_rate_schedule():
 def test_learning_rate_is_averaged_by_the_first_moment():
   """With beta1 the EMA mixes lr-scaled updates (lr inside, as upstream)."""
   g = jnp.array([[3.0, -1.0], [0.5, 2.0]])
-  schedule = lambda count: 1.0 + count  # lr 1, then 2
-  tx = scale_by_adafactor(schedule, beta1=0.5)
   plain = scale_by_adafactor(1.0)
-  state, plain_state = tx.init(g), plain.init(g)
-  u1, plain_state = plain.update(g, plain_state)
-  u2, plain_state = plain.update(g, plain_state)
-  _, state = tx.update(g, state)
-  out, state = tx.update(g, state)
+  tx = scale_by_adafactor(lambda count: 1.0 + count, beta1=0.5)  # lr 1, 2
+
+  @jax.jit
+  def two_steps(g):
+    plain_state, state = plain.init(g), tx.init(g)
+    u1, plain_state = plain.update(g, plain_state)
+    u2, _ = plain.update(g, plain_state)
+    _, state = tx.update(g, state)
+    out, _ = tx.update(g, state)
+    return u1, u2, out
+
+  u1, u2, out = two_steps(g)
   # m1 = 0.5 * (1 * u1); m2 = 0.5 * m1 + 0.5 * (2 * u2)
   np.testing.assert_allclose(out, 0.25 * u1 + u2, rtol=1e-6)
 
 
-def test_jit_compiles_once_across_refreshes():
-  traces = []
-  tx = galore_adafactor(optax.linear_schedule(0.01, 0.0, 10), rank=2,
-                        update_proj_gap=3, beta1=0.9, weight_decay=0.1,
-                        target_modules="w")
+def test_stacked_leaf_equals_separate_leaves():
+  """A (3, m, n) leaf is three (m, n) leaves: row/col statistics, clipping
+  and the first moment are per matrix. The matrices' gradient scales differ
+  by 1e5, so per-leaf clipping would not agree by accident."""
+  tx = scale_by_adafactor(0.01, beta1=0.9)
+  p0 = jax.random.normal(jax.random.key(1), (3, 6, 5))
+  scales = jnp.array([1.0, 100.0, 1e-3])[:, None, None]
+  grads = [jax.random.normal(jax.random.fold_in(jax.random.key(2), t),
+                             (3, 6, 5)) * scales for t in range(4)]
 
   @jax.jit
-  def step(params, state, grads):
-    traces.append(None)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+  def both(p0, grads):
+    stacked = {"w": p0}
+    separate = {f"w{i}": p0[i] for i in range(3)}
+    s_stacked, s_separate = tx.init(stacked), tx.init(separate)
+    for g in grads:
+      u, s_stacked = tx.update({"w": g}, s_stacked)
+      stacked = optax.apply_updates(stacked, u)
+      u, s_separate = tx.update({f"w{i}": g[i] for i in range(3)}, s_separate)
+      separate = optax.apply_updates(separate, u)
+    return stacked, separate
 
-  params = {"w": jnp.ones((8, 5)), "b": jnp.ones((5,))}
-  state = tx.init(params)
-  key = jax.random.key(0)
-  for t in range(7):  # refreshes at 0, 3, 6
-    grads = jax.tree.map(
-        lambda p, t=t: jax.random.normal(jax.random.fold_in(key, t), p.shape),
-        params)
-    params, state = step(params, state, grads)
-  assert len(traces) == 1
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
-
-
-def _stacked_grads(key, steps=4):
-  """(3, 6, 5) gradients whose matrices have very different scales, so the
-  per-matrix statistics and clipping cannot agree by accident."""
-  scales = jnp.array([1.0, 100.0, 1e-3])[:, None, None]
-  return [jax.random.normal(jax.random.fold_in(key, t), (3, 6, 5)) * scales
-          for t in range(steps)]
-
-
-@pytest.mark.parametrize("galore", [False, True])
-def test_stacked_leaf_equals_separate_leaves(galore):
-  if galore:
-    tx = galore_adafactor(0.01, rank=2, update_proj_gap=2, beta1=0.9,
-                          weight_decay=0.1)
-  else:
-    tx = optax.chain(scale_by_adafactor(0.01, beta1=0.9), optax.scale(-1.0))
-  p0 = jax.random.normal(jax.random.key(1), (3, 6, 5))
-  stacked = {"w": p0}
-  separate = {f"w{i}": p0[i] for i in range(3)}
-  s_stacked, s_separate = tx.init(stacked), tx.init(separate)
-  for g in _stacked_grads(jax.random.key(2)):
-    u, s_stacked = tx.update({"w": g}, s_stacked, stacked)
-    stacked = optax.apply_updates(stacked, u)
-    u, s_separate = tx.update({f"w{i}": g[i] for i in range(3)}, s_separate,
-                              separate)
-    separate = optax.apply_updates(separate, u)
+  stacked, separate = both(p0, grads)
   for i in range(3):
     np.testing.assert_allclose(stacked["w"][i], separate[f"w{i}"],
-                               rtol=1e-6, atol=1e-6)
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_clip_by_matrix_rms_is_per_matrix_and_per_vector():
@@ -291,47 +342,24 @@ def test_factored_state_shapes_and_dtypes():
 
 
 def test_8bit_state_uses_the_unsigned_map_for_second_moments():
-  tx = quantize_state_8bit(scale_by_adafactor(0.01, beta1=0.9), min_size=1)
+  inner = scale_by_adafactor(0.01, beta1=0.9)
+  tx = quantize_state_8bit(inner, min_size=1)
   params = {"m": jnp.ones((64, 48)), "v": jnp.ones((300,))}
-  state = tx.init(params)
-  inner = state.inner_state
-  leaves = jax.tree_util.tree_flatten_with_path(inner)[0]
-  kinds = {}
-  for path, _ in leaves:
-    name = jax.tree_util.keystr(path)
-    kinds[name] = is_second_moment(inner, path)
-  second = [n for n, s in kinds.items() if s]
-  assert second and all(
-      any(f in n for f in (".v_row", ".v_col", ".v[")) for n in second)
-  assert not any(s for n, s in kinds.items() if ".ema" in n)
+  state = inner.init(params)
+  kinds = {jax.tree_util.keystr(path): is_second_moment(state, path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+  second = sorted(n for n, is_second in kinds.items() if is_second)
+  assert second == ["[0].v['v']", "[0].v_col['m']", "[0].v_row['m']"], kinds
   # It runs, and stays close to the float32 optimizer.
-  ref_tx = scale_by_adafactor(0.01, beta1=0.9)
-  ref_state = ref_tx.init(params)
   key = jax.random.key(0)
-  for t in range(3):
-    g = jax.tree.map(
-        lambda p, t=t: jax.random.normal(jax.random.fold_in(key, t), p.shape),
-        params)
-    u, state = tx.update(g, state)
-    u_ref, ref_state = ref_tx.update(g, ref_state)
-  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref)):
-    np.testing.assert_allclose(a, b, atol=2e-3 * float(jnp.abs(b).max()))
-
-
-def test_inject_hyperparams_with_a_schedule():
-  tx = optax.inject_hyperparams(
-      galore_adafactor,
-      static_args=("rank", "update_proj_gap", "proj_type", "target_modules",
-                   "projector_method", "projector_dtype", "stagger_refresh",
-                   "seed"))(
-          learning_rate=optax.linear_schedule(0.01, 0.0, 5), rank=2,
-          update_proj_gap=2, weight_decay=0.1)
-  params = {"w": jnp.ones((6, 4)), "b": jnp.ones((3,))}
-  state = tx.init(params)
-  grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), params)
-  updates, state = jax.jit(tx.update)(grads, state, params)
-  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
-  assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.01)
+  grads = [jax.tree.map(
+      lambda p, t=t: jax.random.normal(jax.random.fold_in(key, t), p.shape),
+      params) for t in range(3)]
+  ours = _jit_run(optax.chain(tx, optax.scale(-1.0)), params, grads)
+  theirs = _jit_run(optax.chain(inner, optax.scale(-1.0)), params, grads)
+  for a, b, p in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs),
+                     jax.tree.leaves(params)):
+    assert np.linalg.norm(a - b) < 0.05 * np.linalg.norm(b - p)
 
 
 @pytest.mark.parametrize("factory, kwargs", [

@@ -398,3 +398,25 @@ def test_bad_arguments_raise(name, bad):
 def test_bad_unsigned_raises():
   with pytest.raises(ValueError, match="unsigned"):
     quantize_state_8bit(optax.scale_by_adam(), unsigned="nu")
+
+
+def test_composes_outside_galore_project():
+  """The other order: 8-bit storage of the whole GaLore state, projectors
+  included (signed map), second moments on the unsigned map."""
+  from galore_optax import galore_project  # pylint: disable=g-import-not-at-top
+  tx = quantize_state_8bit(
+      galore_project(optax.scale_by_adam(), rank=16, update_proj_gap=2),
+      min_size=256)
+  params = {"w": jnp.zeros((64, 32))}
+  state = tx.init(params)
+  grads = {"w": jax.random.normal(jax.random.key(0), (64, 32))}
+  step = jax.jit(tx.update)
+  for _ in range(3):
+    updates, new_state = step(grads, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
+    state = new_state
+  inner = state.inner_state
+  assert inner.projectors["w"].right.codes.dtype == jnp.uint8
+  assert inner.inner_state.nu["w"].codes.dtype == jnp.uint8
+  assert updates["w"].shape == (64, 32)
+  assert bool(jnp.all(jnp.isfinite(updates["w"])))

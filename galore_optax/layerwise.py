@@ -1,0 +1,871 @@
+"""Per-layer (layer-wise) updates: each gradient is consumed in the backward pass.
+
+``galore_torch``'s per-layer mode steps one optimizer per parameter from a
+post-accumulate-grad hook, so a parameter's gradient is freed right after its
+update and the full gradient never exists at once; that is how GaLore trains
+LLaMA-7B in 22 GB. ``make_layerwise_step`` is the JAX equivalent: from a loss
+function and any optax transformation it builds one jit-compiled train step
+
+    params, opt_state, loss = step(params, opt_state, batch)
+
+in which every parameter leaf passes through an identity ``jax.custom_vjp``
+"hook". The hook's backward rule receives the leaf's gradient, runs the
+optimizer for that leaf alone and returns, as cotangents, the *new* parameter
+and the *new* optimizer state of the leaf, so ``jax.grad`` of the hooked loss
+with respect to ``(params, opt_state)`` is the updated ``(params,
+opt_state)``. Each gradient is consumed as soon as the backward pass has made
+it; XLA is free to reuse its memory for the rest of the backward pass, and
+with ``donate=True`` the new parameters and states are written into the
+buffers of the old ones.
+
+State. Every leaf (or, for ``per_layer`` leaves, every layer slice of a leaf)
+has its own optimizer state, ``tx.init`` of a tree in which all other leaves
+are ``optax.MaskedNode()``; the tree keeps its structure so name-based labels
+(``optax.partition``, ``galore_labels``) see the real paths. Cotangents must
+be floating point, so each leaf's state is stored *packed*: floating leaves
+as they are, 32-bit integers bit-cast to float32, 16-bit ones to float16,
+8-bit codes (8-bit moments and projectors) four to a float32 along the last
+axis. Packing is a bit-cast, never arithmetic, so every bit pattern survives
+(NaN payloads included; tested). ``LayerwiseStep.unpack_state`` gives the
+ordinary optax states back.
+
+What the step supports:
+
+* ordinary (unrolled) models: each leaf is updated as soon as its gradient is
+  complete (a leaf used several times is updated once, with the sum);
+* scanned layer stacks as written (``nnx.scan``/``lax.scan`` over stacked
+  weights): correct, the stacked leaf is hooked as a whole, so its gradient is
+  the full stacked gradient before its update (no per-layer memory saving for
+  that leaf);
+* scanned layer stacks with per-layer memory: name the stacked leaves in
+  ``per_layer`` and run the stack with ``scan_layers(f, carry, layers)`` in
+  the loss instead of ``lax.scan``; the layer gradients are then consumed
+  one layer at a time inside the reverse loop, whose parameters and states
+  are updated in place. ``scan_layers`` recomputes each layer's forward pass
+  in the backward loop (activation checkpointing per layer). Outside a
+  layer-wise step ``scan_layers`` is a plain ``lax.scan``.
+* any optax transformation whose update of a leaf depends only on that leaf
+  (``optax.adamw``, ``adamw_8bit``, ``galore_adamw``, ``galore_adamw_8bit``,
+  ...). Transformations that couple leaves (global-norm clipping, LAMB/LARS
+  trust ratios over the tree are per-leaf and fine, but e.g.
+  ``optax.clip_by_global_norm`` inside ``tx``) are computed per leaf, which
+  changes their meaning. ``galore_project(stagger_refresh=True)`` and the
+  randomized projector's per-leaf seeds depend on a leaf's position among all
+  projected leaves, which a per-leaf state does not know: all leaves refresh
+  in the same step, and randomized projectors use the seed of leaf 0.
+* sharded parameters: the step is ordinary jitted JAX; shardings propagate as
+  in a normal step (the packing keeps every axis but the last).
+
+Clipping (``clip_norm``): a global norm cannot be known before the backward
+pass ends, so each *leaf's* gradient (each layer slice's for ``per_layer``
+leaves) is clipped on its own: ``g <- g * min(1, clip_norm / ||g||_2)`` with
+``||g||_2`` the Frobenius norm of that leaf's full gradient from the current
+micro-batch, before accumulation and projection. It equals
+``optax.chain(clip_by_leaf_norm(clip_norm), tx)`` in an ordinary step.
+
+Gradient accumulation (``accumulate_steps=k``): each call is one micro-batch;
+parameters change on every k-th call. Leaves that ``galore_project`` projects
+accumulate the *projected* gradient (low-rank shape), the others the full
+gradient, as a running mean in ``accumulate_dtype`` (float32, as
+``optax.MultiSteps``). On a window that starts with a projector refresh, the
+refresh is run on the first micro-batch's gradient (by the optimizer itself,
+so method and storage are the optimizer's), every micro-batch of the window
+is projected with that new projector, and the optimizer's own refresh at the
+end of the window sees the accumulated gradient, which lies in that subspace
+(so it returns the same subspace, rotated to the accumulated gradient's
+singular vectors). Without refreshes this equals ``optax.MultiSteps(tx, k)``
+to float32 rounding; with refreshes MultiSteps uses the window's mean
+gradient for the SVD, which only exists at full size.
+
+Requirements and limits: parameters must be floating point; the loss must
+be a scalar; a ``per_layer`` leaf must reach the loss only through one
+``scan_layers`` call; leaves the loss does not use are updated with a zero
+gradient (as optax would). The per-leaf hooks trace ``tx.update`` once per
+leaf, so tracing time grows with the number of leaves.
+
+References:
+  Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+  Projection", ICML 2024, arXiv 2403.03507 (per-layer weight updates).
+  Lv et al., "Full Parameter Fine-tuning for Large Language Models with
+  Limited Resources" (LOMO), 2023, arXiv 2306.09782 (fused update in the
+  backward pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from galore_optax import projection
+from galore_optax import quantization
+from galore_optax import targets
+from galore_optax._checks import check_positive_int
+from galore_optax.transform import _PROJECTOR_BLOCK_SIZE
+from galore_optax.transform import GaLoreState
+
+__all__ = (
+    "LayerwiseState",
+    "LayerwiseStep",
+    "LeafState",
+    "clip_by_leaf_norm",
+    "make_layerwise_step",
+    "pack_state",
+    "scan_layers",
+    "unpack_state",
+)
+
+PerLayerSpec = Union[None, str, Sequence[str], Callable[[str], bool]]
+
+
+# ---------------------------------------------------------------------------
+# State containers
+# ---------------------------------------------------------------------------
+
+
+class LeafState(NamedTuple):
+  """Unpacked state of one leaf (or one layer slice of a ``per_layer`` leaf).
+
+  Attributes:
+    opt_state: ``tx``'s state for a tree holding only this leaf.
+    acc: the gradient accumulator (projected shape for GaLore-projected
+      leaves), or ``optax.MaskedNode()`` without accumulation.
+    mini_step: micro-steps accumulated so far (int32), or
+      ``optax.MaskedNode()`` without accumulation.
+  """
+
+  opt_state: optax.OptState
+  acc: Any
+  mini_step: Any
+
+
+class LayerwiseState(NamedTuple):
+  """Optimizer state of a layer-wise step.
+
+  Attributes:
+    leaves: a dict from each parameter leaf's dotted name (see
+      ``galore_optax.path_to_name``) to its packed ``LeafState`` (every
+      array floating point; ``per_layer`` leaves carry a leading layer axis
+      on every array). Use ``LayerwiseStep.unpack_state`` to read it.
+  """
+
+  leaves: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------
+# Packing: any state leaf <-> floating-point arrays, by bit-casts only
+# ---------------------------------------------------------------------------
+
+
+def _is_float(x: Any) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _pack_array(x: jax.Array) -> jax.Array:
+  """One state array -> a floating array holding the same bits."""
+  x = jnp.asarray(x)
+  dtype = x.dtype
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return x
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    raise TypeError(
+        f"Optimizer state leaves of dtype {dtype} (e.g. typed PRNG keys) "
+        "cannot be packed; store jax.random.key_data(key) instead.")
+  if dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  bits = x.dtype.itemsize * 8
+  if bits == 32:
+    return jax.lax.bitcast_convert_type(x, jnp.float32)
+  if bits == 16:
+    return jax.lax.bitcast_convert_type(x, jnp.float16)
+  if bits == 64:  # (..., ) -> (..., 2) float32
+    return jax.lax.bitcast_convert_type(x, jnp.float32)
+  if bits == 8:  # four codes per float32, along the last axis
+    if x.ndim == 0:
+      x = x[None]
+    pad = (-x.shape[-1]) % 4
+    if pad:
+      x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    x = x.reshape(*x.shape[:-1], x.shape[-1] // 4, 4)
+    return jax.lax.bitcast_convert_type(x, jnp.float32)
+  raise TypeError(f"Cannot pack optimizer state of dtype {dtype}.")
+
+
+def _unpack_array(y: jax.Array, spec: Any) -> jax.Array:
+  """Inverse of ``_pack_array`` given the original shape and dtype."""
+  dtype = jnp.dtype(spec.dtype)
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return y
+  storage = jnp.dtype(jnp.uint8) if dtype == jnp.bool_ else dtype
+  bits = storage.itemsize * 8
+  if bits in (16, 32, 64):
+    x = jax.lax.bitcast_convert_type(y, storage)
+  else:
+    x = jax.lax.bitcast_convert_type(y, storage)  # (..., n4, 4)
+    x = x.reshape(*x.shape[:-2], x.shape[-2] * 4)
+    n = spec.shape[-1] if spec.shape else 1
+    x = x[..., :n].reshape(spec.shape)
+  if dtype == jnp.bool_:
+    return x != 0
+  return x
+
+
+def pack_state(state: Any) -> Any:
+  """Packs every array of a state tree into floating point (bit-casts only).
+
+  Args:
+    state: any pytree of arrays (no leading batch axis: pack per slice with
+      ``jax.vmap`` otherwise, because 8-bit arrays are packed along their
+      last axis).
+
+  Returns:
+    The same tree with floating-point leaves.
+  """
+  return jax.tree.map(_pack_array, state)
+
+
+def unpack_state(packed: Any, spec: Any) -> Any:
+  """Inverse of ``pack_state``.
+
+  Args:
+    packed: a tree from ``pack_state``.
+    spec: the unpacked tree's shapes and dtypes (e.g. from
+      ``jax.eval_shape``), same structure.
+
+  Returns:
+    The original tree, bit for bit.
+  """
+  return jax.tree.map(_unpack_array, packed, spec)
+
+
+# ---------------------------------------------------------------------------
+# Clipping
+# ---------------------------------------------------------------------------
+
+
+def _clip_leaf(g: jax.Array, max_norm: float) -> jax.Array:
+  """``optax.clip_by_global_norm(max_norm)`` applied to a single array."""
+  clipped, _ = optax.clip_by_global_norm(max_norm).update(
+      g, optax.EmptyState())
+  return clipped
+
+
+def clip_by_leaf_norm(max_norm: float) -> optax.GradientTransformation:
+  """Clips each leaf to Frobenius norm ``max_norm`` on its own.
+
+  ``g <- g * min(1, max_norm / ||g||_2)`` for every leaf separately (the
+  same formula as ``optax.clip_by_global_norm``, with the leaf's own norm).
+  It is what ``make_layerwise_step(clip_norm=...)`` does, usable in an
+  ordinary step to get the same behaviour.
+
+  Args:
+    max_norm: the largest Frobenius norm a leaf's update may have.
+
+  Returns:
+    An ``optax.GradientTransformation`` with an empty state.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda g: _clip_leaf(g, max_norm), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# scan_layers and its trace-time context
+# ---------------------------------------------------------------------------
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def _activate(ctx):
+  stack = getattr(_ACTIVE, "stack", None)
+  if stack is None:
+    stack = _ACTIVE.stack = []
+  stack.append(ctx)
+  try:
+    yield ctx
+  finally:
+    stack.pop()
+
+
+def _current():
+  stack = getattr(_ACTIVE, "stack", None)
+  return stack[-1] if stack else None
+
+
+def scan_layers(f: Callable[[Any, Any], Any], carry: Any, layers: Any) -> Any:
+  """Applies ``f(carry, layer)`` to each slice of a stacked layer tree.
+
+  ``layers`` is a tree whose arrays share a leading layer axis ``L``; the
+  result is ``f(...f(f(carry, layers[0]), layers[1])..., layers[L-1])``.
+
+  Outside a layer-wise step (or for leaves not named in ``per_layer``) this
+  is ``jax.lax.scan``. Inside a step from ``make_layerwise_step`` whose
+  ``per_layer`` names these leaves, the backward pass is a reverse loop over
+  the layers that recomputes layer ``l`` from its saved input, takes its
+  gradient and immediately updates layer ``l``'s slices of the parameters
+  and optimizer states in place, so only one layer's gradient exists at a
+  time. ``f`` may close over other arrays (rotary tables, masks, shared
+  weights); their gradients are accumulated over the layers as usual.
+
+  Args:
+    f: ``(carry, layer) -> carry``, carry structure and shapes preserved.
+    carry: the initial carry (e.g. the hidden states).
+    layers: the stacked layer parameters (e.g. ``nnx.state`` of a stacked
+      module or a dict of arrays with a leading layer axis).
+
+  Returns:
+    The final carry.
+  """
+  leaves, ldef = jax.tree.flatten(layers)
+  ctx = _current()
+  if ctx is None or not any(ctx.is_registered(x) for x in leaves):
+    out, _ = jax.lax.scan(lambda c, p: (f(c, p), None), carry, layers)
+    return out
+  return ctx.scan(f, carry, leaves, ldef)
+
+
+def _float0_like(x: Any) -> np.ndarray:
+  return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
+
+
+def _split(xs: list, mask: list[bool]) -> list:
+  return [x for x, m in zip(xs, mask) if m]
+
+
+def _merge(xs: list, mask: list[bool], new: list) -> list:
+  it = iter(new)
+  return [next(it) if m else x for x, m in zip(xs, mask)]
+
+
+# ---------------------------------------------------------------------------
+# Static layout of a parameter tree
+# ---------------------------------------------------------------------------
+
+
+def _find_galore_states(opt_state: Any) -> list[GaLoreState]:
+  is_galore = lambda x: isinstance(x, GaLoreState)
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_galore)
+          if is_galore(x)]
+
+
+def _with_projectors(old: Any, new: Any) -> Any:
+  """``old`` with every GaLoreState's projectors taken from ``new``."""
+  is_galore = lambda x: isinstance(x, GaLoreState)
+  return jax.tree.map(
+      lambda a, b: a._replace(projectors=b.projectors) if is_galore(a) else a,
+      old, new, is_leaf=is_galore)
+
+
+def _load_factor(f: Any) -> Any:
+  if isinstance(f, optax.MaskedNode):
+    return f
+  if isinstance(f, quantization.QuantizedArray):
+    return quantization.dequantize(f, True, _PROJECTOR_BLOCK_SIZE)
+  return f.astype(jnp.float32)
+
+
+def _factor_shape(f: Any) -> tuple[int, ...]:
+  if isinstance(f, quantization.QuantizedArray):
+    return tuple(f.codes.shape)
+  return tuple(f.shape)
+
+
+@dataclasses.dataclass
+class _Layout:
+  """Static facts about one parameter tree (shapes, names, per-leaf specs)."""
+
+  treedef: Any
+  names: list[str]
+  per_layer: list[bool]
+  unit_avals: list[jax.ShapeDtypeStruct]  # a leaf, or one layer slice
+  anchor: list[Any]  # per leaf: None or (index, ShapeDtypeStruct)
+  specs: list[Any]  # abstract unpacked LeafState per unit
+  lowrank: list[Any]  # projection.LeafPlan for low-rank accumulation, or None
+
+
+# ---------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerwiseStep:
+  """What ``make_layerwise_step`` returns; unpacks as ``(init, step)``.
+
+  Attributes:
+    init: ``params -> LayerwiseState`` (eager; wrap it in ``jax.jit`` with
+      ``out_shardings`` to place sharded states).
+    step: ``(params, opt_state, batch) -> (params, opt_state, loss)``, or
+      ``(params, opt_state, loss, aux)`` with ``has_aux``; jit-compiled
+      with ``params`` and ``opt_state`` donated unless asked otherwise.
+    unpack_state: ``(opt_state, params) -> {name: LeafState}``, the ordinary
+      (unpacked) optax states, e.g. to read counts or save checkpoints in
+      optax form; ``params`` may be abstract.
+  """
+
+  init: Callable[[Any], LayerwiseState]
+  step: Callable[..., Any]
+  unpack_state: Callable[[LayerwiseState, Any], dict[str, LeafState]]
+
+  def __iter__(self):
+    return iter((self.init, self.step))
+
+
+def make_layerwise_step(
+    loss_fn: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    *,
+    clip_norm: float | None = None,
+    accumulate_steps: int = 1,
+    accumulate_dtype: Any = jnp.float32,
+    per_layer: PerLayerSpec = None,
+    has_aux: bool = False,
+    donate: bool = True,
+    jit: bool = True,
+) -> LayerwiseStep:
+  """Builds a train step whose updates happen inside the backward pass.
+
+  See the module docstring for the mechanism, what is supported and the
+  exact semantics of clipping and accumulation. Without clipping and
+  accumulation the new parameters equal those of the ordinary step
+  ``g = grad(loss)(params); u, s = tx.update(g, s, params);
+  params = optax.apply_updates(params, u)`` to float32 rounding.
+
+  Example::
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    def loss_fn(params, batch):
+      return llama.loss_fn(nnx.merge(graphdef, params), batch)
+
+    init, step = make_layerwise_step(loss_fn, galore_adamw_8bit(1e-2))
+    opt_state = init(params)
+    for batch in batches:
+      params, opt_state, loss = step(params, opt_state, batch)
+
+  Args:
+    loss_fn: ``(params, batch) -> loss`` (or ``(loss, aux)`` with
+      ``has_aux``); a scalar floating loss.
+    tx: the optimizer, any ``optax.GradientTransformation`` whose update of
+      one leaf depends on that leaf only.
+    clip_norm: if set, each leaf's (each layer slice's, for ``per_layer``
+      leaves) gradient is scaled to Frobenius norm at most ``clip_norm``.
+    accumulate_steps: micro-batches per update (``k``).
+    accumulate_dtype: dtype of the accumulators.
+    per_layer: stacked leaves (leading layer axis) to update one layer at a
+      time inside ``scan_layers``: a regex that must match the whole leaf
+      name, a list of names/substrings/regexes (as ``target_modules``), or
+      a predicate on names. Their states are built per layer slice.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    donate: donate ``params`` and ``opt_state`` to the step, so the new
+      ones reuse their buffers.
+    jit: return the step jit-compiled (else a traceable function).
+
+  Returns:
+    A ``LayerwiseStep`` (unpacks as ``(init, step)``).
+
+  Raises:
+    ValueError: for invalid arguments; at trace time if a ``per_layer``
+      leaf does not go through ``scan_layers``.
+  """
+  k = check_positive_int("accumulate_steps", accumulate_steps)
+  if clip_norm is not None and not (np.isscalar(clip_norm) and clip_norm > 0):
+    raise ValueError(f"clip_norm must be a positive number or None, got "
+                     f"{clip_norm!r}.")
+  if per_layer is None:
+    per_layer_match = lambda name: False
+  elif callable(per_layer):
+    per_layer_match = per_layer
+  else:
+    per_layer_match = targets.make_matcher(per_layer)
+  accumulate_dtype = jnp.dtype(accumulate_dtype)
+  cache: dict[Any, _Layout] = {}
+
+  # -- layout ---------------------------------------------------------------
+
+  def single(layout: _Layout, i: int, x: Any, anchor_value: Any) -> Any:
+    vals = [optax.MaskedNode()] * len(layout.names)
+    vals[i] = x
+    if layout.anchor[i] is not None:
+      vals[layout.anchor[i][0]] = anchor_value
+    return layout.treedef.unflatten(vals)
+
+  def anchor_zeros(layout: _Layout, i: int) -> Any:
+    if layout.anchor[i] is None:
+      return None
+    aval = layout.anchor[i][1]
+    return jnp.zeros(aval.shape, aval.dtype)
+
+  def get_layout(params: Any) -> _Layout:
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    key = (treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype).name)
+                          for _, x in paths_leaves))
+    if key in cache:
+      return cache[key]
+    names = [targets.path_to_name(p) for p, _ in paths_leaves]
+    if len(set(names)) != len(names):
+      dupes = sorted({n for n in names if names.count(n) > 1})
+      raise ValueError(f"Leaf path names must be unique, got {dupes[:5]}.")
+    per = []
+    units = []
+    for name, (_, x) in zip(names, paths_leaves):
+      if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"Parameter {name!r} has dtype {x.dtype}; layer-wise "
+                         "updates need floating-point parameters.")
+      is_per = bool(per_layer_match(name))
+      if is_per and len(x.shape) < 1:
+        raise ValueError(f"per_layer leaf {name!r} has no leading layer axis.")
+      per.append(is_per)
+      shape = tuple(x.shape[1:]) if is_per else tuple(x.shape)
+      units.append(jax.ShapeDtypeStruct(shape, x.dtype))
+    layout = _Layout(treedef, names, per, units, [None] * len(names),
+                     [None] * len(names), [None] * len(names))
+    opt_specs: list[Any] = [None] * len(names)
+    errors = {}
+    for i, u in enumerate(units):
+      try:
+        opt_specs[i] = jax.eval_shape(tx.init, single(layout, i, u, None))
+      except ValueError as e:  # e.g. labels that need a target in the tree
+        errors[i] = e
+    if errors:
+      # Label functions such as ``galore_labels`` refuse a tree without any
+      # GaLore target. Give such leaves a 1x..x1 placeholder of a leaf that
+      # initialises alone (so it is a target): its state is a few floats.
+      candidates = [i for i, u in enumerate(units)
+                    if i not in errors and len(u.shape) >= 2]
+      if not candidates:
+        raise next(iter(errors.values()))
+      a = candidates[0]
+      anchor = (a, jax.ShapeDtypeStruct((1,) * len(units[a].shape),
+                                        units[a].dtype))
+      for i, err in errors.items():
+        layout.anchor[i] = anchor
+        try:
+          opt_specs[i] = jax.eval_shape(
+              lambda u, z, i=i: tx.init(single(layout, i, u, z)), units[i],
+              anchor[1])
+        except ValueError:
+          raise err from None
+    for i, name in enumerate(names):
+      plan = None
+      if k > 1:
+        found = [s for s in _find_galore_states(opt_specs[i])
+                 if name in s.projectors]
+        if len(found) == 1:
+          proj = found[0].projectors[name]
+          use_left = not isinstance(proj.left, optax.MaskedNode)
+          use_right = not isinstance(proj.right, optax.MaskedNode)
+          rank = (_factor_shape(proj.left)[-1] if use_left else
+                  _factor_shape(proj.right)[-2])
+          plan = projection.LeafPlan(tuple(units[i].shape), use_left,
+                                     use_right, rank)
+        acc_shape = plan.lowrank_shape if plan else units[i].shape
+        acc = jax.ShapeDtypeStruct(acc_shape, accumulate_dtype)
+        mini = jax.ShapeDtypeStruct((), jnp.int32)
+      else:
+        acc = mini = optax.MaskedNode()
+      layout.lowrank[i] = plan
+      layout.specs[i] = LeafState(opt_specs[i], acc, mini)
+    cache[key] = layout
+    return layout
+
+  # -- per-unit init and update (unpacked) ------------------------------------
+
+  def init_unit(layout: _Layout, i: int, p: jax.Array) -> LeafState:
+    opt_state = tx.init(single(layout, i, p, anchor_zeros(layout, i)))
+    spec = layout.specs[i]
+    if k > 1:
+      acc = jnp.zeros(spec.acc.shape, spec.acc.dtype)
+      mini = jnp.zeros([], jnp.int32)
+    else:
+      acc = mini = optax.MaskedNode()
+    return LeafState(opt_state, acc, mini)
+
+  def tx_update(layout, i, g, opt_state, p):
+    z = anchor_zeros(layout, i)
+    updates, new_state = tx.update(single(layout, i, g, z), opt_state,
+                                   single(layout, i, p, z))
+    u = layout.treedef.flatten_up_to(updates)[i]
+    # Keep the state's dtypes fixed (lax.cond and donation need it).
+    new_state = jax.tree.map(lambda a, b: jnp.asarray(b).astype(a.dtype),
+                             opt_state, new_state)
+    return optax.apply_updates(p, u), new_state
+
+  def update_unit(layout: _Layout, i: int, g: jax.Array, p: jax.Array,
+                  st: LeafState) -> tuple[jax.Array, LeafState]:
+    if clip_norm is not None:
+      g = _clip_leaf(g, clip_norm)
+    if k == 1:
+      new_p, opt_state = tx_update(layout, i, g, st.opt_state, p)
+      return new_p, st._replace(opt_state=opt_state)
+
+    plan = layout.lowrank[i]
+    name = layout.names[i]
+    j = st.mini_step
+    opt_state = st.opt_state
+    factors = None
+    if plan is not None:
+      # Let the optimizer refresh its projector from this micro-batch at the
+      # start of a window; only the projectors of that trial update are kept
+      # (XLA drops the rest of it).
+      def probe(s):
+        z = anchor_zeros(layout, i)
+        _, trial = tx.update(single(layout, i, g, z), s, single(layout, i, p, z))
+        return _with_projectors(s, trial)
+
+      opt_state = jax.lax.cond(j == 0, probe, lambda s: s, opt_state)
+      (gs,) = [s for s in _find_galore_states(opt_state)
+               if name in s.projectors]
+      factors = projection.Projector(
+          *(_load_factor(f) for f in gs.projectors[name]))
+      x = projection.project(g, factors, plan)
+    else:
+      x = g
+    acc = (st.acc + (x - st.acc) / (j + 1)).astype(st.acc.dtype)
+
+    def emit(opt_state, acc):
+      full = acc if plan is None else projection.project_back(acc, factors,
+                                                               plan)
+      new_p, new_opt = tx_update(layout, i, full.astype(g.dtype), opt_state, p)
+      return new_p, new_opt, jnp.zeros_like(acc)
+
+    def hold(opt_state, acc):
+      return p, opt_state, acc
+
+    new_p, opt_state, acc = jax.lax.cond(j == k - 1, emit, hold, opt_state,
+                                         acc)
+    mini = (optax.safe_increment(j) % k).astype(jnp.int32)
+    return new_p, LeafState(opt_state, acc, mini)
+
+  def update_packed(layout, i, g, p, packed):
+    st = unpack_state(packed, layout.specs[i])
+    new_p, new_st = update_unit(layout, i, g, p, st)
+    return new_p, pack_state(new_st)
+
+  # -- public init ------------------------------------------------------------
+
+  def init(params: Any) -> LayerwiseState:
+    layout = get_layout(params)
+    leaves = layout.treedef.flatten_up_to(params)
+    out = {}
+    for i, (name, p) in enumerate(zip(layout.names, leaves)):
+      fn = lambda x, i=i: pack_state(init_unit(layout, i, x))
+      out[name] = jax.vmap(fn)(p) if layout.per_layer[i] else fn(p)
+    return LayerwiseState(out)
+
+  def unpack(state: LayerwiseState, params: Any) -> dict[str, LeafState]:
+    layout = get_layout(params)
+    out = {}
+    for i, name in enumerate(layout.names):
+      spec = layout.specs[i]
+      if layout.per_layer[i]:
+        out[name] = jax.vmap(lambda s, spec=spec: unpack_state(s, spec))(
+            state.leaves[name])
+      else:
+        out[name] = unpack_state(state.leaves[name], spec)
+    return out
+
+  # -- the hooks ---------------------------------------------------------------
+
+  def make_hook(layout, i, reached):
+
+    @jax.custom_vjp
+    def hook(p, s):
+      del s
+      return p
+
+    def fwd(p, s):
+      return p, (p, s)
+
+    def bwd(res, g):
+      p, s = res
+      reached.add(i)
+      return update_packed(layout, i, g, p, s)
+
+    hook.defvjp(fwd, bwd)
+    return hook
+
+  class _Context:
+    """Trace-time registry of the ``per_layer`` leaves for ``scan_layers``."""
+
+    def __init__(self, layout, leaves, packed, reached):
+      self.layout = layout
+      self.reached = reached
+      self.registry = {id(leaves[i]): (i, leaves[i], packed[i])
+                       for i in range(len(leaves)) if layout.per_layer[i]}
+      self.consumed: set[int] = set()
+
+    def is_registered(self, x):
+      return id(x) in self.registry
+
+    def scan(self, f, carry, leaves, ldef):
+      return _scan_layerwise(self, f, carry, leaves, ldef)
+
+  def _scan_layerwise(ctx, f, carry, leaves, ldef):
+    layout = ctx.layout
+    sizes = {x.shape[0] if x.ndim else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+      raise ValueError("scan_layers: every leaf of `layers` needs the same "
+                       f"leading layer axis, got sizes {sizes}.")
+    (num_layers,) = sizes
+    is_reg = [ctx.is_registered(x) for x in leaves]
+    reg_ids = []
+    for x, r in zip(leaves, is_reg):
+      if r:
+        i = ctx.registry[id(x)][0]
+        if i in ctx.consumed:
+          raise ValueError(f"per_layer leaf {layout.names[i]!r} goes through "
+                           "scan_layers twice.")
+        ctx.consumed.add(i)
+        reg_ids.append(i)
+    reg_states = [ctx.registry[id(x)][2] for x, r in zip(leaves, is_reg) if r]
+    example = ldef.unflatten([x[0] for x in leaves])
+    f_conv, consts = jax.closure_convert(f, carry, example)
+    if any(ctx.is_registered(c) for c in consts):
+      raise ValueError("scan_layers: `f` closes over a per_layer stacked leaf; "
+                       "it must only see its layer slice.")
+
+    def apply_layer(c, sl, cs):
+      return f_conv(c, ldef.unflatten(sl), *cs)
+
+    def _interleave(reg_p, oth_p):
+      it_r, it_o = iter(reg_p), iter(oth_p)
+      return [next(it_r) if r else next(it_o) for r in is_reg]
+
+    def forward(reg_p, oth_p, carry, cs, save):
+      def body(c, sl):
+        return apply_layer(c, sl, cs), (c if save else None)
+      return jax.lax.scan(body, carry, _interleave(reg_p, oth_p))
+
+    @jax.custom_vjp
+    def run(reg_p, reg_s, oth_p, carry, cs):
+      del reg_s
+      return forward(reg_p, oth_p, carry, cs, False)[0]
+
+    def run_fwd(reg_p, reg_s, oth_p, carry, cs):
+      out, saved = forward(reg_p, oth_p, carry, cs, True)
+      return out, (reg_p, reg_s, oth_p, saved, cs)
+
+    def run_bwd(res, ct_out):
+      reg_p, reg_s, oth_p, saved, cs = res
+      for i in reg_ids:
+        ctx.reached.add(i)
+      c_leaves0, cdef = jax.tree.flatten(saved)
+      c_float = [_is_float(x) for x in c_leaves0]
+      k_float = [_is_float(jnp.asarray(x)) for x in cs]
+      o_float = [_is_float(x) for x in oth_p]
+      ct_c = _split(jax.tree.leaves(ct_out), c_float)
+
+      def body(step, loop):
+        reg_p, reg_s, ct_oth, ct_c, ct_k = loop
+        l = num_layers - 1 - step
+        take = lambda x: jax.lax.dynamic_index_in_dim(x, l, 0, keepdims=False)
+        put = lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v, l, 0)
+        c_l = [take(x) for x in c_leaves0]
+        sl = [take(x) for x in _interleave(reg_p, oth_p)]
+        sl_float = [_is_float(x) for x in sl]
+
+        def layer(cf, sf, kf):
+          c = cdef.unflatten(_merge(c_l, c_float, cf))
+          out = apply_layer(c, _merge(sl, sl_float, sf),
+                            _merge(list(cs), k_float, kf))
+          return _split(jax.tree.leaves(out), c_float)
+
+        _, vjp = jax.vjp(layer, _split(c_l, c_float), _split(sl, sl_float),
+                         _split(list(cs), k_float))
+        ct_c, g_sl, g_k = vjp(ct_c)
+        g_all = _merge([None] * len(sl), sl_float, g_sl)
+        new_reg_p, new_reg_s = [], []
+        reg_slices = _split(sl, is_reg)
+        reg_grads = _split(g_all, is_reg)
+        for i, p_l, g_l, s in zip(reg_ids, reg_slices, reg_grads, reg_s):
+          s_l = jax.tree.map(take, s)
+          new_p_l, new_s_l = update_packed(layout, i, g_l, p_l, s_l)
+          new_reg_p.append(put(reg_p[len(new_reg_p)], new_p_l))
+          new_reg_s.append(jax.tree.map(put, s, new_s_l))
+        oth_grads = _split(_split(g_all, [not r for r in is_reg]), o_float)
+        ct_oth = [put(a, g.astype(a.dtype)) for a, g in zip(ct_oth, oth_grads)]
+        ct_k = [a + g for a, g in zip(ct_k, g_k)]
+        return new_reg_p, new_reg_s, ct_oth, ct_c, ct_k
+
+      loop = (list(reg_p), list(reg_s),
+              [jnp.zeros_like(x) for x in _split(oth_p, o_float)], ct_c,
+              [jnp.zeros_like(x) for x in _split(list(cs), k_float)])
+      reg_p, reg_s, ct_oth, ct_c, ct_k = jax.lax.fori_loop(
+          0, num_layers, body, loop)
+      ct_oth_all = _merge([_float0_like(x) for x in oth_p], o_float, ct_oth)
+      ct_carry = cdef.unflatten(
+          _merge([_float0_like(x[0]) for x in c_leaves0], c_float, ct_c))
+      ct_cs = _merge([_float0_like(x) for x in cs], k_float, ct_k)
+      return reg_p, reg_s, ct_oth_all, ct_carry, ct_cs
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(_split(list(leaves), is_reg), reg_states,
+               _split(list(leaves), [not r for r in is_reg]), carry,
+               list(consts))
+
+  # -- the step ----------------------------------------------------------------
+
+  def step(params, state: LayerwiseState, batch):
+    layout = get_layout(params)
+    leaves = layout.treedef.flatten_up_to(params)
+    missing = [n for n in layout.names if n not in state.leaves]
+    if missing:
+      raise ValueError(f"opt_state has no state for {missing[:5]}; was it "
+                       "made by this step's init for these parameters?")
+    packed = [state.leaves[n] for n in layout.names]
+    reached: set[int] = set()
+
+    def hooked_loss(leaves, packed):
+      ctx = _Context(layout, leaves, packed, reached)
+      hooked = [
+          x if layout.per_layer[i] else make_hook(layout, i, reached)(
+              x, packed[i]) for i, x in enumerate(leaves)
+      ]
+      with _activate(ctx):
+        out = loss_fn(layout.treedef.unflatten(hooked), batch)
+      lost = [layout.names[i] for i in range(len(leaves))
+              if layout.per_layer[i] and i not in ctx.consumed]
+      if lost:
+        raise ValueError(
+            f"per_layer leaves {lost[:5]} did not go through scan_layers (as "
+            "the very arrays passed to the loss): their gradients would be "
+            "taken as new parameters. Run the stack with "
+            "galore_optax.layerwise.scan_layers or drop them from per_layer.")
+      if has_aux:
+        loss, aux = out
+      else:
+        loss, aux = out, None
+      return loss, aux
+
+    (loss, aux), (new_leaves, new_packed) = jax.value_and_grad(
+        hooked_loss, argnums=(0, 1), has_aux=True)(leaves, packed)
+    new_leaves, new_packed = list(new_leaves), list(new_packed)
+    for i in range(len(leaves)):
+      if i in reached:
+        continue
+      # The loss does not use this leaf: its hook never ran. Update it with a
+      # zero gradient, as an ordinary step would.
+      fn = lambda p, s, i=i: update_packed(layout, i, jnp.zeros_like(p), p, s)
+      if layout.per_layer[i]:
+        fn = jax.vmap(fn)
+      new_leaves[i], new_packed[i] = fn(leaves[i], packed[i])
+    new_params = layout.treedef.unflatten(new_leaves)
+    new_state = LayerwiseState(dict(zip(layout.names, new_packed)))
+    if has_aux:
+      return new_params, new_state, loss, aux
+    return new_params, new_state, loss
+
+  if jit:
+    step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  return LayerwiseStep(init, step, unpack)
