@@ -93,7 +93,8 @@ def check_number_in_range(
   too_high = high is not None and (value > high or
                                    (not high_inclusive and value == high))
   if too_low or too_high:
-    left = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low}"
+    left = ("(-inf" if low is None else
+            ("[" if low_inclusive else "(") + f"{low}")
     right = ("inf)" if high is None else
              f"{high}" + ("]" if high_inclusive else ")"))
     raise ValueError(f"{name} must be in {left}, {right}, got {value!r}.")

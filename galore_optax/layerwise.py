@@ -528,6 +528,11 @@ def make_layerwise_step(
       per.append(is_per)
       shape = tuple(x.shape[1:]) if is_per else tuple(x.shape)
       units.append(jax.ShapeDtypeStruct(shape, x.dtype))
+    if per_layer is not None and not any(per):
+      raise ValueError(
+          f"per_layer={per_layer!r} matches no parameter. A string is a regex "
+          "that must match the whole name (use a list for substrings); some "
+          f"names: {names[:10]}.")
     layout = _Layout(treedef, names, per, units, [None] * len(names),
                      [None] * len(names), [None] * len(names))
     opt_specs: list[Any] = [None] * len(names)

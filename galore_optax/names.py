@@ -29,6 +29,20 @@ build a layer-wise train step with it.
 own arguments (as in ``transformers``). Unset GaLore arguments take Hugging
 Face's defaults: rank 128, update_proj_gap 200, scale 0.25, proj_type std.
 
+Differences from ``transformers`` (5.x), on purpose:
+
+* Its GaLore optimizers receive only ``lr`` and the four GaLore keys; other
+  ``optim_args`` keys are silently dropped, and ``weight_decay`` /
+  ``adam_epsilon`` are ignored, so the ``galore_torch`` class defaults apply
+  (``GaLoreAdamW``: eps 1e-6, no decay; ``GaLoreAdamW8bit``: eps 1e-8 and
+  bitsandbytes' weight decay 1e-2). Here every key is honoured or rejected,
+  ``weight_decay`` always applies, and eps defaults to 1e-8 for all AdamWs.
+* Its ``galore_adafactor_layerwise`` builds the per-parameter optimizers
+  before switching off ``relative_step``, so ``Adafactor`` rejects the
+  learning rate; here it is the same Adafactor as ``galore_adafactor``.
+* Its ``target_modules`` are ignored by non-GaLore optimizers; here they
+  raise, since they would select nothing.
+
 References:
   Hugging Face ``transformers`` ``TrainingArguments.optim``, ``optim_args``
   and ``optim_target_modules``; Zhao et al., 2024, arXiv 2403.03507.
@@ -89,7 +103,8 @@ def parse_optimizer_name(name: str) -> tuple[str, bool]:
     ValueError: for an unknown name, listing the accepted ones.
   """
   if not isinstance(name, str):
-    raise ValueError(f"The optimizer name must be a string, got {name!r}.")
+    raise ValueError(f"The optimizer name must be a string, one of "
+                     f"{list(OPTIMIZER_NAMES)}; got {name!r}.")
   key = name.strip().lower()
   layerwise = key.endswith(LAYERWISE_SUFFIX)
   base = key[:-len(LAYERWISE_SUFFIX)] if layerwise else key

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PROJECTOR_METHODS = ("svd", "randomized")
@@ -126,6 +127,34 @@ def plan_leaf(shape: tuple[int, ...], rank: int, proj_type: str) -> LeafPlan:
   return LeafPlan(tuple(shape), left, right, min(rank, m, n))
 
 
+def _explicitly_sharded(x: jax.Array) -> bool:
+  """Whether ``x`` is sharded over an axis of an ``Explicit``-typed mesh."""
+  return any(axis is not None for axis in jax.typeof(x).sharding.spec)
+
+
+def _gathered(x: jax.Array) -> jax.Array:
+  """Replicates ``x`` if it is explicitly sharded.
+
+  Under ``Explicit`` mesh axes, ``svd`` and ``qr`` refuse matrices sharded on
+  their matrix dimensions (``Auto`` axes gather implicitly). Only the exact
+  SVD gathers a full gradient; the randomized method gathers ``m x k``
+  blocks.
+  """
+  return jax.sharding.reshard(x, PartitionSpec()) if _explicitly_sharded(
+      x) else x
+
+
+def _contract(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """``einsum`` that also works when a contracted axis is explicitly sharded.
+
+  Explicit sharding cannot infer where a partial sum over a sharded axis
+  should live, so the (small) result is asked for replicated.
+  """
+  if _explicitly_sharded(a) or _explicitly_sharded(b):
+    return jnp.einsum(subscripts, a, b, out_sharding=PartitionSpec())
+  return jnp.einsum(subscripts, a, b)
+
+
 def _eye_columns(rows: int, cols: int, batch_shape: tuple[int, ...]):
   eye = jnp.eye(rows, cols, dtype=jnp.float32)
   return jnp.broadcast_to(eye, (*batch_shape, rows, cols))
@@ -161,7 +190,7 @@ def canonicalize_column_signs(u: jax.Array) -> jax.Array:
 
 def _svd_factors(g: jax.Array, plan: LeafPlan) -> Projector:
   """Exact top-r singular vectors from a float32 thin SVD."""
-  u, _, vh = jnp.linalg.svd(g, full_matrices=False)
+  u, _, vh = jnp.linalg.svd(_gathered(g), full_matrices=False)
   r = plan.rank
   left = (canonicalize_column_signs(u[..., :, :r])
           if plan.use_left else optax.MaskedNode())
@@ -172,7 +201,7 @@ def _svd_factors(g: jax.Array, plan: LeafPlan) -> Projector:
 
 
 def _orthonormalize(y: jax.Array) -> jax.Array:
-  q, _ = jnp.linalg.qr(y)
+  q, _ = jnp.linalg.qr(_gathered(y))
   return q
 
 
@@ -193,11 +222,14 @@ def _top_left_subspace(g: jax.Array, start: jax.Array, rank: int,
   """
   q = _orthonormalize(start)
   for _ in range(n_iter):
-    q = _orthonormalize(g @ (jnp.swapaxes(g, -1, -2) @ q))
+    q = _orthonormalize(
+        _contract("...mn,...nk->...mk", g,
+                  _contract("...mn,...mk->...nk", g, q)))
   # Rayleigh-Ritz: the small SVD orders and rotates the block's directions.
-  b = jnp.swapaxes(q, -1, -2) @ g  # (k, n)
+  b = _contract("...mk,...mn->...kn", q, g)
   ub, _, _ = jnp.linalg.svd(b, full_matrices=False)
-  return canonicalize_column_signs(q @ ub[..., :, :rank])
+  return canonicalize_column_signs(
+      _contract("...mk,...kr->...mr", q, ub[..., :, :rank]))
 
 
 def _randomized_factors(g: jax.Array, plan: LeafPlan, previous: Projector,
@@ -213,7 +245,9 @@ def _randomized_factors(g: jax.Array, plan: LeafPlan, previous: Projector,
                               jnp.float32)
     # The previous basis is a good start: gradients' top subspaces drift
     # slowly, so a few power iterations from it converge.
-    start = jnp.concatenate([prev.astype(jnp.float32), mat @ omega], axis=-1)
+    start = jnp.concatenate(
+        [prev.astype(jnp.float32),
+         _gathered(_contract("...mn,...nk->...mk", mat, omega))], axis=-1)
     return _top_left_subspace(mat, start, plan.rank, n_iter)
 
   key_left, key_right = jax.random.split(key)
@@ -267,9 +301,9 @@ def project(grad: jax.Array, projector: Projector, plan: LeafPlan) -> jax.Array:
   """Projects a full gradient into the low-rank space, in float32."""
   x = grad.astype(jnp.float32)
   if plan.use_left:
-    x = jnp.einsum("...mr,...mn->...rn", projector.left.astype(jnp.float32), x)
+    x = _contract("...mr,...mn->...rn", projector.left.astype(jnp.float32), x)
   if plan.use_right:
-    x = jnp.einsum("...mn,...rn->...mr", x, projector.right.astype(jnp.float32))
+    x = _contract("...mn,...rn->...mr", x, projector.right.astype(jnp.float32))
   return x
 
 
@@ -278,9 +312,9 @@ def project_back(lowrank: jax.Array, projector: Projector,
   """Maps a low-rank update back to the leaf's shape, in float32."""
   x = lowrank.astype(jnp.float32)
   if plan.use_left:
-    x = jnp.einsum("...mr,...rn->...mn", projector.left.astype(jnp.float32), x)
+    x = _contract("...mr,...rn->...mn", projector.left.astype(jnp.float32), x)
   if plan.use_right:
-    x = jnp.einsum("...mr,...rn->...mn", x, projector.right.astype(jnp.float32))
+    x = _contract("...mr,...rn->...mn", x, projector.right.astype(jnp.float32))
   return x
 
 

@@ -34,6 +34,7 @@ import pytest
 from galore_optax import ScaleByFactoredRmsHfState
 from galore_optax import clip_by_matrix_rms
 from galore_optax import galore_adafactor
+from galore_optax import quantization
 from galore_optax import quantize_state_8bit
 from galore_optax import scale_by_adafactor
 from galore_optax import scale_by_factored_rms_hf
@@ -74,13 +75,12 @@ def _optimizer(with_beta1):
   return tx, jax.jit(tx.update)
 
 
-def _params0(ref):
-  return {k: jnp.asarray(ref[f"params0/{k}"])
-          for k in ("tall", "wide", "mat", "vec")}
+def _params0(ref, shapes=("tall", "wide")):
+  return {k: jnp.asarray(ref[f"params0/{k}"]) for k in (*shapes, "mat", "vec")}
 
 
-def _grads(ref, t):
-  return {k: ref[f"grads/{k}"][t] for k in ("tall", "wide", "mat", "vec")}
+def _grads(ref, t, shapes=("tall", "wide")):
+  return {k: ref[f"grads/{k}"][t] for k in (*shapes, "mat", "vec")}
 
 
 def _snapshot(chain_state, shape):
@@ -103,8 +103,8 @@ def _snapshot(chain_state, shape):
 
 
 def _record(out, params, chain_state):
-  """Appends the fixture's per-step arrays, for both shapes, to ``out``."""
-  for shape in ("tall", "wide"):
+  """Appends the fixture's per-step arrays, per GaLore shape, to ``out``."""
+  for shape in out:
     states, projector = _snapshot(chain_state, shape)
     rows = {"params": params[shape], "mat/params": params["mat"],
             "vec/params": params["vec"], **states}
@@ -220,11 +220,11 @@ def test_plain_alias_with_schedule_matches_reference_and_jits_once(ref):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  params = _params0(ref)
+  params = _params0(ref, ["tall"])  # one GaLore leaf: half the compile time
   state = tx.init(params)
-  out = {"tall": {}, "wide": {}}
+  out = {"tall": {}}
   for t in range(STEPS):
-    params, state = step(params, state, _grads(ref, t))
+    params, state = step(params, state, _grads(ref, t, ["tall"]))
     _record(out, params, state)
   assert len(traces) == 1
   ours = {k: np.stack(v) for k, v in out["tall"].items() if k != "projectors"}
@@ -232,17 +232,19 @@ def test_plain_alias_with_schedule_matches_reference_and_jits_once(ref):
 
 
 def _jit_run(tx, params, grads_list):
-  """Applies ``tx`` for each gradient tree, one compiled step; final params."""
+  """Final params after applying ``tx`` for each gradient tree; one jit."""
 
   @jax.jit
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+  def run(params, grads):
+    def step(carry, g):
+      params, state = carry
+      updates, state = tx.update(g, state, params)
+      return (optax.apply_updates(params, updates), state), None
 
-  state = tx.init(params)
-  for grads in grads_list:
-    params, state = step(params, state, grads)
-  return params
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), grads)
+    return params
+
+  return run(params, jax.tree.map(lambda *g: jnp.stack(g), *grads_list))
 
 
 def test_weight_decay_follows_a_learning_rate_schedule():
@@ -282,25 +284,17 @@ def test_stacked_leaf_equals_separate_leaves():
   """A (3, m, n) leaf is three (m, n) leaves: row/col statistics, clipping
   and the first moment are per matrix. The matrices' gradient scales differ
   by 1e5, so per-leaf clipping would not agree by accident."""
-  tx = scale_by_adafactor(0.01, beta1=0.9)
-  p0 = jax.random.normal(jax.random.key(1), (3, 6, 5))
-  scales = jnp.array([1.0, 100.0, 1e-3])[:, None, None]
-  grads = [jax.random.normal(jax.random.fold_in(jax.random.key(2), t),
-                             (3, 6, 5)) * scales for t in range(4)]
+  tx_apply = optax.chain(scale_by_adafactor(0.01, beta1=0.9),
+                         optax.scale(-1.0))
+  rng = np.random.default_rng(0)
+  p0 = rng.standard_normal((3, 6, 5), np.float32)
+  scales = np.array([1.0, 100.0, 1e-3], np.float32)[:, None, None]
+  grads = [rng.standard_normal((3, 6, 5), np.float32) * scales
+           for _ in range(4)]
 
-  @jax.jit
-  def both(p0, grads):
-    stacked = {"w": p0}
-    separate = {f"w{i}": p0[i] for i in range(3)}
-    s_stacked, s_separate = tx.init(stacked), tx.init(separate)
-    for g in grads:
-      u, s_stacked = tx.update({"w": g}, s_stacked)
-      stacked = optax.apply_updates(stacked, u)
-      u, s_separate = tx.update({f"w{i}": g[i] for i in range(3)}, s_separate)
-      separate = optax.apply_updates(separate, u)
-    return stacked, separate
-
-  stacked, separate = both(p0, grads)
+  stacked = _jit_run(tx_apply, {"w": p0}, [{"w": g} for g in grads])
+  separate = _jit_run(tx_apply, {f"w{i}": p0[i] for i in range(3)},
+                      [{f"w{i}": g[i] for i in range(3)} for g in grads])
   for i in range(3):
     np.testing.assert_allclose(stacked["w"][i], separate[f"w{i}"],
                                rtol=1e-6, atol=1e-7)
@@ -309,14 +303,20 @@ def test_stacked_leaf_equals_separate_leaves():
 def test_clip_by_matrix_rms_is_per_matrix_and_per_vector():
   u = {"m": jnp.stack([jnp.full((2, 3), 4.0), jnp.full((2, 3), 0.5)]),
        "v": jnp.full((4,), 3.0)}
-  out, _ = clip_by_matrix_rms(2.0).update(u, optax.EmptyState())
+  m = np.random.default_rng(0).standard_normal((5, 7), np.float32) * 3
+
+  @jax.jit
+  def clip(u, m):
+    out, _ = clip_by_matrix_rms(2.0).update(u, optax.EmptyState())
+    ours, _ = clip_by_matrix_rms(1.0).update(m, optax.EmptyState())
+    theirs, _ = optax.clip_by_block_rms(1.0).update(m, optax.EmptyState())
+    return out, ours, theirs
+
+  out, ours, theirs = clip(u, m)
   np.testing.assert_allclose(out["m"][0], 2.0)  # RMS 4 -> 2
   np.testing.assert_allclose(out["m"][1], 0.5)  # under the threshold
   np.testing.assert_allclose(out["v"], 2.0)
   # On 2-D leaves it is optax's per-leaf clipping.
-  m = jax.random.normal(jax.random.key(0), (5, 7)) * 3
-  ours, _ = clip_by_matrix_rms(1.0).update(m, optax.EmptyState())
-  theirs, _ = optax.clip_by_block_rms(1.0).update(m, optax.EmptyState())
   np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
@@ -324,7 +324,8 @@ def test_factored_state_shapes_and_dtypes():
   params = {"m": jnp.zeros((2, 6, 5), jnp.bfloat16), "v": jnp.zeros((4,)),
             "s": jnp.zeros(())}
   tx = scale_by_factored_rms_hf()
-  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = jax.jit(lambda g: tx.update(g, tx.init(g)))(grads)
   assert isinstance(state, ScaleByFactoredRmsHfState)
   assert state.v_row["m"].shape == (2, 6)
   assert state.v_col["m"].shape == (2, 5)
@@ -333,8 +334,6 @@ def test_factored_state_shapes_and_dtypes():
   assert state.v["v"].shape == (4,) and state.v["s"].shape == ()
   assert all(x.dtype == jnp.float32 for x in
              (state.v_row["m"], state.v_col["m"], state.v["v"]))
-  grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
-  updates, state = tx.update(grads, state)
   assert updates["m"].dtype == jnp.bfloat16
   # First step: beta2 = 0, so v = g^2 + eps and the update is g / |g| = 1.
   for leaf in jax.tree.leaves(updates):
@@ -350,16 +349,14 @@ def test_8bit_state_uses_the_unsigned_map_for_second_moments():
            for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
   second = sorted(n for n, is_second in kinds.items() if is_second)
   assert second == ["[0].v['v']", "[0].v_col['m']", "[0].v_row['m']"], kinds
-  # It runs, and stays close to the float32 optimizer.
-  key = jax.random.key(0)
-  grads = [jax.tree.map(
-      lambda p, t=t: jax.random.normal(jax.random.fold_in(key, t), p.shape),
-      params) for t in range(3)]
-  ours = _jit_run(optax.chain(tx, optax.scale(-1.0)), params, grads)
-  theirs = _jit_run(optax.chain(inner, optax.scale(-1.0)), params, grads)
-  for a, b, p in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs),
-                     jax.tree.leaves(params)):
-    assert np.linalg.norm(a - b) < 0.05 * np.linalg.norm(b - p)
+  # The wrapper builds and traces with this state (MaskedNode placeholders
+  # included): its second moments become 8-bit codes.
+  qstate = jax.eval_shape(tx.init, params)
+  _, qstate = jax.eval_shape(tx.update, params, qstate)
+  quantized = qstate.inner_state[0]
+  assert all(isinstance(x, quantization.QuantizedArray) for x in (
+      quantized.v_row["m"], quantized.v_col["m"], quantized.v["v"]))
+  assert quantized.v_row["m"].codes.dtype == jnp.uint8
 
 
 @pytest.mark.parametrize("factory, kwargs", [
