@@ -180,3 +180,26 @@ def test_staggered_refresh_spreads_leaves():
 def test_bad_arguments_raise_at_construction(kwargs, match):
   with pytest.raises(ValueError, match=match):
     galore_project(optax.scale_by_adam(), **kwargs)
+
+
+@pytest.mark.parametrize("method", ["svd", "randomized"])
+def test_stacked_leaf_equals_separate_leaves(method):
+  """A (L, m, n) leaf (e.g. nnx.scan layers) is L independent matrices."""
+  stacked = {"w": jnp.zeros((3, 12, 8))}
+  separate = {f"w{i}": jnp.zeros((12, 8)) for i in range(3)}
+  kwargs = dict(rank=3, update_proj_gap=2, projector_method=method)
+  tx = galore_project(optax.scale_by_adam(), **kwargs)
+  s_state, p_state = tx.init(stacked), tx.init(separate)
+  for step in range(5):
+    g = _grads(step, stacked)["w"]
+    s_upd, s_state = tx.update({"w": g}, s_state)
+    p_upd, p_state = tx.update({f"w{i}": g[i] for i in range(3)}, p_state)
+    if method == "svd":
+      for i in range(3):
+        np.testing.assert_allclose(s_upd["w"][i], p_upd[f"w{i}"], atol=1e-6)
+  if method == "randomized":
+    # Random oversampling keys differ per leaf, so compare the subspaces.
+    for i in range(3):
+      a = np.asarray(s_state.projectors["w"].right[i])
+      b = np.asarray(p_state.projectors[f"w{i}"].right)
+      np.testing.assert_allclose(np.abs(a @ b.T), np.eye(3), atol=1e-3)
