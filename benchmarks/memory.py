@@ -23,20 +23,22 @@ Modes:
 ``--remat`` checkpoints every decoder layer (``ordinary``/``layerwise``;
 ``layerwise_scan`` always recomputes layers).
 
-CPU caveat: XLA's CPU backend computes bf16 matmuls in float32 and converts
-both operands first, so every bf16 weight gets a transient float32 copy when
-it is used; the CPU ``temps`` include those copies (and CPU-specific fusion
-choices). ``--breakdown`` dumps XLA's buffer assignment and reports, at the
-peak, how many bytes are float32 copies of bf16 arrays, and the temps without
-them (``temps_no_upcast``): an estimate of what a backend with native bf16
-matmuls (GPU, TPU) would need. It is an estimate from the CPU schedule, not a
-GPU measurement.
+CPU caveat: XLA's CPU backend computes bf16 matmuls in float32 and, by
+default, stores float32 copies of both operands first (``--dots upcast``): a
+float32 copy of every weight it multiplies, which it may also keep from the
+forward to the backward pass. Those copies are a CPU artefact (GPU and TPU
+matmuls read bf16 directly). ``--dots fused`` compiles the same step with
+XLA:CPU's YNNPACK dot fusions, which fuse the converts into the matmul, so no
+copy is stored and the product is written in bf16 as on a GPU: that is the
+figure to read as the step's real cost. Other CPU choices (e.g. float32
+scatter for the embedding gradient) remain in both. ``--top N`` lists the
+largest buffers live at XLA's peak.
 
 Examples::
 
   python benchmarks/memory.py --presets 60m,130m --modes ordinary,layerwise
   python benchmarks/memory.py --presets 7b --optimizers galore_adamw_8bit \\
-      --modes layerwise --remat --projector-dtype int8 --breakdown
+      --modes layerwise --remat --projector-dtype int8 --dots fused
 """
 
 from __future__ import annotations
@@ -115,79 +117,27 @@ def tree_bytes(tree: Any) -> int:
              for x in jax.tree.leaves(tree))
 
 
-_SHAPE_RE = re.compile(r"^(\w+)\[([\d,]*)\]")
+# XLA:CPU converts both operands of a bf16 matmul to float32 and materialises
+# those copies (a float32 copy of every weight it multiplies). This flag makes
+# it fuse the converts into the matmul kernel (YNNPACK dot fusions), so no
+# float32 copy is stored and the result is written in bf16, as a GPU or TPU
+# matmul does. It changes where products are rounded, not what is computed.
+FUSED_BF16_DOTS = {"xla_cpu_experimental_ynn_fusion_type":
+                   "LIBRARY_FUSION_TYPE_DOT"}
 
 
-def _shape_bytes(text: str) -> int:
-  m = _SHAPE_RE.match(text)
+def peak_buffers(dump_dir: str, top: int) -> list[tuple[str, int]]:
+  """The largest buffers live at XLA's peak, from its live-range dump."""
+  files = glob.glob(os.path.join(dump_dir, "*after_optimizations-live-range.txt"))
+  if not files:
+    return []
+  text = open(max(files, key=os.path.getsize)).read()
+  m = re.search(r"Live ranges at \d+ \(peak\):\n(.*?)\n  \S", text, re.S)
   if not m:
-    return 0
-  dtype, dims = m.groups()
-  size = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "u8": 1,
-          "s8": 1, "pred": 1, "f64": 8, "s64": 8}.get(dtype, 0)
-  n = 1
-  for d in dims.split(","):
-    if d:
-      n *= int(d)
-  return n * size
-
-
-def upcast_breakdown(dump_dir: str) -> dict[str, float]:
-  """Bytes of f32 copies of bf16 arrays live at XLA's peak, from the dump.
-
-  Parses the buffer-assignment dump: the "peak" section lists the logical
-  buffers live at the heap peak; a buffer is counted as an upcast copy when
-  the instruction defining it is a float32 ``convert``/fusion whose operand
-  is a bf16 array of the same shape.
-  """
-  files = sorted(glob.glob(os.path.join(dump_dir, "*buffer-assignment.txt")),
-                 key=os.path.getsize)
-  hlo_files = sorted(glob.glob(os.path.join(dump_dir,
-                                            "*after_optimizations.txt")),
-                     key=os.path.getsize)
-  if not files or not hlo_files:
-    return {}
-  text = open(files[-1]).read()
-  hlo = open(hlo_files[-1]).read()
-  # instruction name -> (result shape text, operand text)
-  defs = {}
-  for line in hlo.splitlines():
-    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\((.*)", line)
-    if m:
-      defs[m.group(1)] = (m.group(2), m.group(3), line)
-  upcast = set()
-  for name, (shape, op, line) in defs.items():
-    if not shape.startswith("f32["):
-      continue
-    dims = shape[3:shape.index("]") + 1]
-    if op in ("convert", "fusion") and (
-        f"bf16{dims}" in line) and ("convert" in line or
-                                    "wrapped_convert" in name):
-      upcast.add(name)
-  m = re.search(r"Peak buffers:\n(.*?)(?:\n\n|\Z)", text, re.S)
-  if not m:
-    return {}
-  peak_total = 0
-  peak_upcast = 0
-  for block in re.split(r"\n(?=\tBuffer \d+:)", m.group(1)):
-    size_m = re.search(r"Size: ([\d.]+)(\w*)", block)
-    name_m = re.search(r"Operator: .*?\n\s*|\n\t\t(\S+)", block)
-    if not size_m:
-      continue
-    num, unit = float(size_m.group(1)), size_m.group(2)
-    scale = {"": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}.get(
-        unit, 1)
-    size = num * scale
-    peak_total += size
-    names = re.findall(r"%?([\w.\-]+)(?:\{[^}]*\})? = ", block)
-    names += re.findall(r"XLA Label: \w+\n\s*Shape: \S+\n\s*=+\n\s*([\w.\-]+)",
-                        block)
-    values = re.findall(r"value: <\d+ ([\w.\-]+)", block)
-    del name_m
-    if any(v in upcast for v in names + values):
-      peak_upcast += size
-  return {"peak_listed_gib": peak_total / GIB,
-          "peak_upcast_gib": peak_upcast / GIB}
+    return []
+  rows = re.findall(r"^\s+([\w.\-]+)\{[\d,]*\}: (\d+) bytes", m.group(1),
+                    re.M)
+  return sorted(((n, int(b)) for n, b in rows), key=lambda r: -r[1])[:top]
 
 
 @dataclasses.dataclass
@@ -197,18 +147,19 @@ class Row:
   mode: str
   remat: bool
   rank: int
+  dots: str
   params_gib: float
   state_gib: float
   args_gib: float
   temps_gib: float
   total_gib: float
-  upcast_gib: float | None
   compile_s: float
+  peak: Any = None
 
 
-def measure(preset: str, opt_name: str, mode: str, *, remat: bool, rank: int,
-            projector_dtype: str, batch: int, seq: int,
-            breakdown: bool) -> Row:
+def build_step(preset: str, opt_name: str, mode: str, *, remat: bool,
+               rank: int, projector_dtype: str, batch: int, seq: int):
+  """The jitted step and its abstract arguments."""
   scan = mode == "layerwise_scan"
   model = llama.abstract_model(preset, dtype=jnp.bfloat16,
                                param_dtype=jnp.bfloat16,
@@ -219,13 +170,13 @@ def measure(preset: str, opt_name: str, mode: str, *, remat: bool, rank: int,
       "labels": jax.ShapeDtypeStruct((batch, seq), jnp.int32),
   }
   tx = make_optimizer(opt_name, rank, projector_dtype)
-
   if scan:
     loss_fn = lambda p, b: scan_layers_loss(nnx.merge(graphdef, p), b)
   else:
     loss_fn = lambda p, b: llama.loss_fn(nnx.merge(graphdef, p), b)
 
   if mode == "ordinary":
+
     def step(params, opt_state, b):
       loss, grads = jax.value_and_grad(loss_fn)(params, b)
       updates, opt_state = tx.update(grads, opt_state, params)
@@ -233,31 +184,41 @@ def measure(preset: str, opt_name: str, mode: str, *, remat: bool, rank: int,
 
     step = jax.jit(step, donate_argnums=(0, 1))
     state = jax.eval_shape(tx.init, params)
-  else:
+  elif mode in ("layerwise", "layerwise_scan"):
     lw = layerwise.make_layerwise_step(
         loss_fn, tx, per_layer=["model.layers"] if scan else None)
     step = lw.step
     state = jax.eval_shape(lw.init, params)
-
-  t0 = time.time()
-  upcast = None
-  if breakdown:
-    with tempfile.TemporaryDirectory() as d:
-      lowered = step.lower(params, state, data)
-      compiled = lowered.compile(compiler_options={
-          "xla_dump_to": d, "xla_dump_hlo_as_text": True,
-          "xla_dump_hlo_module_re": ".*step.*"})
-      info = upcast_breakdown(d)
-      upcast = info.get("peak_upcast_gib")
   else:
-    compiled = step.lower(params, state, data).compile()
+    raise ValueError(f"unknown mode {mode!r}")
+  return step, (params, state, data)
+
+
+def measure(preset: str, opt_name: str, mode: str, *, remat: bool, rank: int,
+            projector_dtype: str, batch: int, seq: int, dots: str,
+            top: int = 0) -> Row:
+  step, abstract_args = build_step(
+      preset, opt_name, mode, remat=remat, rank=rank,
+      projector_dtype=projector_dtype, batch=batch, seq=seq)
+  options = dict(FUSED_BF16_DOTS) if dots == "fused" else {}
+  t0 = time.time()
+  lowered = step.lower(*abstract_args)
+  peak = None
+  if top:
+    with tempfile.TemporaryDirectory() as d:
+      compiled = lowered.compile(compiler_options=options | {
+          "xla_dump_to": d, "xla_dump_hlo_as_text": True})
+      peak = peak_buffers(d, top)
+  else:
+    compiled = lowered.compile(compiler_options=options or None)
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   args = mem.argument_size_in_bytes / GIB
   temps = mem.temp_size_in_bytes / GIB
-  return Row(preset, opt_name, mode, remat, rank, tree_bytes(params) / GIB,
-             tree_bytes(state) / GIB, args, temps, args + temps, upcast,
-             compile_s)
+  params, state, _ = abstract_args
+  return Row(preset, opt_name, mode, remat, rank, dots,
+             tree_bytes(params) / GIB, tree_bytes(state) / GIB, args, temps,
+             args + temps, compile_s, peak)
 
 
 def main(argv=None):
@@ -273,39 +234,46 @@ def main(argv=None):
                       choices=("float32", "bfloat16", "int8"))
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--seq", type=int, default=256)
-  parser.add_argument("--breakdown", action="store_true",
-                      help="dump XLA's buffer assignment and count the "
-                      "float32 copies of bf16 arrays live at the peak")
+  parser.add_argument("--dots", default="upcast,fused",
+                      help="comma list: 'upcast' (XLA:CPU default, float32 "
+                      "copies of bf16 matmul operands) and/or 'fused' (bf16 "
+                      "matmuls without stored float32 copies)")
+  parser.add_argument("--top", type=int, default=0,
+                      help="also list the N largest buffers live at XLA's "
+                      "peak (dumps the compiled module to a temp dir)")
   parser.add_argument("--json", default=None, help="append rows to this file")
   args = parser.parse_args(argv)
 
-  header = ("| model | optimizer | mode | remat | rank | params | opt state | "
-            "args | temps | args+temps | f32 upcasts at peak | "
-            "args+temps w/o upcasts | compile s |")
+  header = ("| model | optimizer | mode | remat | rank | bf16 dots | params | "
+            "opt state | args | temps | args+temps | compile s |")
+  print(f"GiB; bf16 weights, batch {args.batch}x{args.seq}, projector dtype "
+        f"{args.projector_dtype}; jax {jax.__version__}, "
+        f"{jax.devices()[0].platform}.")
   print(header)
-  print("|" + "---|" * header.count("|")[:-1] if False else
-        "|" + "|".join(["---"] * (header.count("|") - 1)) + "|")
+  print("|" + "|".join(["---"] * (header.count("|") - 1)) + "|")
   for preset in args.presets.split(","):
+    rank = args.rank or PAPER_RANKS.get(preset, 128)
     for opt in args.optimizers.split(","):
       for mode in args.modes.split(","):
-        rank = args.rank or PAPER_RANKS.get(preset, 128)
-        row = measure(preset, opt, mode, remat=args.remat, rank=rank,
-                      projector_dtype=args.projector_dtype, batch=args.batch,
-                      seq=args.seq, breakdown=args.breakdown)
-        up = "-" if row.upcast_gib is None else f"{row.upcast_gib:.2f}"
-        no_up = ("-" if row.upcast_gib is None else
-                 f"{row.total_gib - row.upcast_gib:.2f}")
-        print(f"| {preset} | {opt} | {mode} | {row.remat} | "
-              f"{rank if 'galore' in opt else '-'} | {row.params_gib:.2f} | "
-              f"{row.state_gib:.2f} | {row.args_gib:.2f} | "
-              f"{row.temps_gib:.2f} | {row.total_gib:.2f} | {up} | {no_up} | "
-              f"{row.compile_s:.0f} |", flush=True)
-        if args.json:
-          with open(args.json, "a") as f:
-            f.write(json.dumps(dataclasses.asdict(row)
-                               | {"projector_dtype": args.projector_dtype,
-                                  "batch": args.batch, "seq": args.seq})
-                    + "\n")
+        for dots in args.dots.split(","):
+          row = measure(preset, opt, mode, remat=args.remat, rank=rank,
+                        projector_dtype=args.projector_dtype,
+                        batch=args.batch, seq=args.seq, dots=dots,
+                        top=args.top)
+          print(f"| {preset} | {opt} | {mode} | {row.remat} | "
+                f"{rank if 'galore' in opt else '-'} | {dots} | "
+                f"{row.params_gib:.2f} | {row.state_gib:.2f} | "
+                f"{row.args_gib:.2f} | {row.temps_gib:.2f} | "
+                f"**{row.total_gib:.2f}** | {row.compile_s:.0f} |",
+                flush=True)
+          for name, size in row.peak or ():
+            print(f"|  |  | peak buffer | {name} | {size / 2**20:.1f} MiB |",
+                  flush=True)
+          if args.json:
+            with open(args.json, "a") as f:
+              f.write(json.dumps(dataclasses.asdict(row) | {
+                  "projector_dtype": args.projector_dtype,
+                  "batch": args.batch, "seq": args.seq}) + "\n")
 
 
 if __name__ == "__main__":

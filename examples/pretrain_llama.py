@@ -10,6 +10,7 @@ Run from the repository root::
 
     python -m examples.pretrain_llama                      # tiny, galore_adamw
     python -m examples.pretrain_llama --optimizer adamw --lr 3e-3
+    python -m examples.pretrain_llama --optimizer galore_adamw_8bit_layerwise
     python -m examples.pretrain_llama --model 60m --rank 128 --update-proj-gap 200
     python -m examples.pretrain_llama --mesh data=2,fsdp=4 --batch-size 16
     python -m examples.pretrain_llama --steps 400 --checkpoint-every 100
@@ -20,6 +21,10 @@ What it does:
 * one ``jax.jit``-compiled train step (forward, backward, clipping, optimizer,
   update) with the parameters and optimizer state donated; the step is traced
   exactly once per run (a warning is printed otherwise);
+* the optimizers by Hugging Face ``Trainer`` name (``galore_optax.
+  create_optimizer``), ``_layerwise`` ones updating each parameter inside the
+  backward pass (``galore_optax.layerwise``), and ``optax.contrib.galore``
+  on the same targets for comparison;
 * optional gradient accumulation (``optax.MultiSteps``): ``--steps`` counts
   optimizer updates, each of ``--grad-accum`` micro-batches;
 * data-parallel and FSDP sharding over a ``jax.make_mesh`` mesh (``--mesh``);
@@ -60,6 +65,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import galore_optax
+from galore_optax import layerwise as galore_layerwise
 from examples import data as data_lib
 from examples import llama
 
@@ -67,26 +73,39 @@ from examples import llama
 # Optimizers
 # ---------------------------------------------------------------------------
 
+# Hugging Face Trainer names (built by ``galore_optax.create_optimizer``; a
+# ``_layerwise`` name runs the same transformation inside the backward pass
+# with ``galore_optax.layerwise``), plus optax's own GaLore for comparison.
 OPTIMIZERS = (
     "adamw",
     "adamw_8bit",
     "galore_adamw",
     "galore_adamw_8bit",
+    "galore_adafactor",
+    "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise",
+    "galore_adafactor_layerwise",
     "optax_contrib_galore",
 )
 
 # Peak learning rates when --lr is not given. GaLore uses the paper's 0.01
 # (Table 5, with alpha 0.25); the full-rank baselines a lower rate, as in the
 # paper's baselines (they diverge more easily at 0.01).
-DEFAULT_LR = {
-    "adamw": 3e-3,
-    "adamw_8bit": 3e-3,
-    "galore_adamw": 1e-2,
-    "galore_adamw_8bit": 1e-2,
-    "optax_contrib_galore": 1e-2,
-}
-_FALLBACK_LR = 3e-3
+_GALORE_LR = 1e-2
+_FULL_RANK_LR = 3e-3
 
+
+def default_lr(name: str) -> float:
+  return _GALORE_LR if "galore" in name else _FULL_RANK_LR
+
+
+def is_layerwise(name: str) -> bool:
+  """Whether ``name`` asks for per-layer updates in the backward pass."""
+  return name != "optax_contrib_galore" and galore_optax.parse_optimizer_name(
+      name)[1]
+
+
+# AdamW hyper-parameters of the paper and of torch.optim.AdamW.
 ADAM_B1 = 0.9
 ADAM_B2 = 0.999
 ADAM_EPS = 1e-8
@@ -139,27 +158,8 @@ def make_optimizer(name: str, schedule: optax.Schedule, args: Any,
     ValueError: for an unknown name.
   """
   targets = parse_target_modules(args.target_modules)
-  galore_kw = dict(
-      rank=args.rank,
-      update_proj_gap=args.update_proj_gap,
-      scale=args.scale,
-      proj_type=args.proj_type,
-      projector_method=args.projector_method,
-      target_modules=targets,
-      weight_decay=args.weight_decay,
-      b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS,
-      seed=args.seed,
-  )
   adam_kw = dict(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS,
                  weight_decay=args.weight_decay)
-  if name == "adamw":
-    return optax.adamw(schedule, **adam_kw)
-  if name == "adamw_8bit":
-    return galore_optax.adamw_8bit(schedule, **adam_kw)
-  if name == "galore_adamw":
-    return galore_optax.galore_adamw(schedule, **galore_kw)
-  if name == "galore_adamw_8bit":
-    return galore_optax.galore_adamw_8bit(schedule, **galore_kw)
   if name == "optax_contrib_galore":
     # The in-ecosystem peer with the same rank, gap, scale and targets:
     # optax.contrib.galore on the selected matrices, plain AdamW elsewhere.
@@ -186,7 +186,24 @@ def make_optimizer(name: str, schedule: optax.Schedule, args: Any,
         },
         labels,
     )
-  raise ValueError(f"Unknown optimizer {name!r}; choose from {OPTIMIZERS}.")
+  if name not in OPTIMIZERS:
+    raise ValueError(f"Unknown optimizer {name!r}; choose from {OPTIMIZERS}.")
+  # Hugging Face names; a _layerwise name gives its base transformation (the
+  # per-layer step is built around it in main()).
+  base, _ = galore_optax.parse_optimizer_name(name)
+  accepted = galore_optax.optimizer_arguments(base)
+  wanted = dict(rank=args.rank, update_proj_gap=args.update_proj_gap,
+                scale=args.scale, proj_type=args.proj_type,
+                projector_method=args.projector_method, seed=args.seed)
+  if "b1" in accepted:  # the AdamW family (Adafactor has its own eps)
+    wanted.update(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
+  kwargs = {k: v for k, v in wanted.items() if k in accepted}
+  galore = base in galore_optax.names.GALORE_NAMES
+  if galore and targets is None:
+    targets = ".*"  # every leaf with two or more dimensions
+  return galore_optax.create_optimizer(
+      base, schedule, target_modules=targets if galore else None,
+      weight_decay=args.weight_decay, **kwargs)
 
 
 def make_schedule(args: argparse.Namespace) -> optax.Schedule:
@@ -203,7 +220,13 @@ def make_schedule(args: argparse.Namespace) -> optax.Schedule:
 
 def build_tx(args: argparse.Namespace, schedule: optax.Schedule,
              params: Any) -> optax.GradientTransformation:
-  """Clipping + the optimizer (+ ``optax.MultiSteps`` to accumulate)."""
+  """Clipping + the optimizer (+ ``optax.MultiSteps`` to accumulate).
+
+  For a ``_layerwise`` optimizer only the optimizer itself: clipping (per
+  leaf) and accumulation are done by ``galore_optax.layerwise``'s step.
+  """
+  if is_layerwise(args.optimizer):
+    return make_optimizer(args.optimizer, schedule, args, params)
   parts = []
   if args.max_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(args.max_grad_norm))
@@ -440,9 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--projector-method", default="svd",
                  choices=galore_optax.PROJECTOR_METHODS)
   g.add_argument("--lr", type=float, default=None,
-                 help="peak learning rate (default: "
-                 + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
-                 + ")")
+                 help=f"peak learning rate (default: {_GALORE_LR:g} for the "
+                 f"GaLore optimizers, {_FULL_RANK_LR:g} for the others)")
   g.add_argument("--min-lr-ratio", type=float, default=0.1,
                  help="final learning rate / peak")
   g.add_argument("--warmup-ratio", type=float, default=0.1,
@@ -464,8 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--batch-size", type=int, default=8,
                  help="sequences per micro-batch")
   g.add_argument("--seq-len", type=int, default=256)
-  g.add_argument("--steps", type=int, default=120, help="optimizer updates")
-  g.add_argument("--eval-every", type=int, default=20,
+  g.add_argument("--steps", type=int, default=64, help="optimizer updates")
+  g.add_argument("--eval-every", type=int, default=16,
                  help="evaluate every N updates (0: only at start and end)")
   g.add_argument("--eval-batches", type=int, default=4,
                  help="fixed held-out batches per evaluation")
@@ -500,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = build_parser().parse_args(argv)
   if args.lr is None:
-    args.lr = DEFAULT_LR.get(args.optimizer, _FALLBACK_LR)
+    args.lr = default_lr(args.optimizer)
   for name in ("steps", "batch_size", "seq_len", "grad_accum", "rank",
                "update_proj_gap", "eval_batches", "log_every"):
     if getattr(args, name) < 1:
@@ -599,7 +621,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   lrs = np.asarray(jax.jit(jax.vmap(schedule), **jit_kw)(
       jnp.arange(args.steps)))
   tx = build_tx(args, schedule, params_abstract)
-  opt_abstract = jax.eval_shape(tx.init, params_abstract)
+
+  def loss_of(params, batch):
+    return llama.loss_fn(nnx.merge(graphdef, params), batch)
+
+  layerwise = is_layerwise(args.optimizer)
+  if layerwise:
+    # Each leaf is updated inside the backward pass as soon as its gradient
+    # exists (galore_torch's per-layer mode). A global norm does not exist
+    # yet at that point: clipping is per leaf; accumulation is done by the
+    # step in the low-rank space.
+    lw = galore_layerwise.make_layerwise_step(
+        loss_of, tx, clip_norm=args.max_grad_norm or None,
+        accumulate_steps=args.grad_accum, donate=False, jit=False)
+    opt_init, core_step = lw.init, lw.step
+    if args.max_grad_norm > 0:
+      print(f"layer-wise updates: gradients clipped to norm "
+            f"{args.max_grad_norm:g} per leaf, not globally.")
+  else:
+    opt_init = tx.init
+
+    def core_step(params, opt_state, batch):
+      loss, grads = jax.value_and_grad(loss_of)(params, batch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_abstract = jax.eval_shape(opt_init, params_abstract)
   opt_sh = tree_shardings(mesh, opt_abstract)
   opt_bytes = tree_bytes(opt_abstract)
   print(f"model: {args.model} ({n_params:,} parameters, "
@@ -612,13 +659,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   def train_step(params, opt_state, batch):
     traces["train"] += 1  # runs only while tracing
-
-    def loss_of(p):
-      return llama.loss_fn(nnx.merge(graphdef, p), batch)
-
-    loss, grads = jax.value_and_grad(loss_of)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return core_step(params, opt_state, batch)
 
   def eval_step(params, batch):
     traces["eval"] += 1
@@ -694,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             config, rngs=args.seed, **model_kw)),
         out_shardings=param_sh, **jit_kw)
     params = init()
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh, **jit_kw)(params)
+    opt_state = jax.jit(opt_init, out_shardings=opt_sh, **jit_kw)(params)
 
   def save(step: int, elapsed: float) -> None:
     meta = {"step": step, "data_step": step * args.grad_accum,
@@ -844,6 +885,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   summary = {
       "model": args.model,
       "optimizer": args.optimizer,
+      "layerwise": layerwise,
       "steps": args.steps,
       "start_step": start_step,
       "tokens_per_update": tokens_per_update,

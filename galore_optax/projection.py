@@ -287,6 +287,10 @@ def compute_projector(
     A float32 ``Projector`` with orthonormal factors.
   """
   g = grad.astype(jnp.float32)
+  # Singular vectors do not depend on the matrix's scale; normalising keeps
+  # huge (overflowing s**2) and subnormal gradients in float32's range.
+  peak = jnp.max(jnp.abs(g), axis=(-2, -1), keepdims=True)
+  g = g / jnp.where(peak > 0, peak, 1).astype(g.dtype)
   if method == "svd":
     return _svd_factors(g, plan)
   if method == "randomized":

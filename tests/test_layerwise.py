@@ -1,0 +1,388 @@
+"""Per-layer updates (galore_optax.layerwise) against the ordinary step.
+
+The model is a two-block toy with Hugging Face-like names (``attn``, ``mlp``
+are GaLore targets; the embedding, head, norms and bias are not), built
+unrolled, as a stacked ``nnx.scan`` model, and as a stacked model run with
+``layerwise.scan_layers``, all from the same weights. Steps are compiled with
+cheap XLA options to keep the file fast on small CPUs.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import galore_optax as go
+from galore_optax import layerwise as lw
+
+FAST = {"xla_backend_optimization_level": 0,
+        "xla_llvm_disable_expensive_passes": True}
+V, D, F, L = 16, 16, 32, 2
+LR = 1e-2
+GAP = 2  # projector refreshes at updates 0, 2, 4, ...
+
+
+class Block(nnx.Module):
+
+  def __init__(self, rngs):
+    self.norm = nnx.RMSNorm(D, rngs=rngs)
+    self.attn = nnx.Linear(D, D, use_bias=False, rngs=rngs)
+    self.mlp = nnx.Linear(D, F, rngs=rngs)
+    self.mlp_out = nnx.Linear(F, D, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.norm(x)
+    h = h + jnp.tanh(self.attn(h))
+    return x + self.mlp_out(jax.nn.gelu(self.mlp(h)))
+
+
+class Net(nnx.Module):
+  """``stacked``: blocks with a leading layer axis (as ``scan_layers=True``)."""
+
+  def __init__(self, rngs, stacked=False):
+    self.embed = nnx.Embed(V, D, rngs=rngs)
+    if stacked:
+
+      @nnx.split_rngs(splits=L)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make(rngs):
+        return Block(rngs)
+
+      self.blocks = make(rngs)
+    else:
+      self.blocks = nnx.List([Block(rngs) for _ in range(L)])
+    self.head = nnx.Linear(D, V, use_bias=False, rngs=rngs)
+    self.stacked = stacked
+
+  def __call__(self, ids, scan_with_layers=False):
+    x = self.embed(ids)
+    if not self.stacked:
+      for block in self.blocks:
+        x = block(x)
+    elif scan_with_layers:
+      block_def, block_params = nnx.split(self.blocks)
+      x = lw.scan_layers(lambda c, p: nnx.merge(block_def, p)(c), x,
+                         block_params)
+    else:
+
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+      def run(block, c):
+        return block(c)
+
+      x = run(self.blocks, x)
+    return self.head(x)
+
+
+def _xent(logits, ids):
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.roll(ids, -1, axis=1)).mean()
+
+
+def _models():
+  unrolled = Net(nnx.Rngs(0))
+  graphdef, params = nnx.split(unrolled, nnx.Param)
+  stacked = Net(nnx.Rngs(0), stacked=True)
+  sgraphdef, sparams = nnx.split(stacked, nnx.Param)
+  flat = nnx.to_pure_dict(params)
+  sflat = nnx.to_pure_dict(sparams)
+  sflat["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                 *[flat["blocks"][i] for i in range(L)])
+  sflat["embed"], sflat["head"] = flat["embed"], flat["head"]
+  nnx.replace_by_pure_dict(sparams, sflat)
+  return graphdef, params, sgraphdef, sparams
+
+
+GRAPHDEF, PARAMS, SGRAPHDEF, SPARAMS = _models()
+_rng = np.random.default_rng(0)
+BATCHES = [jnp.asarray(_rng.integers(0, V, (4, 8))) for _ in range(4)]
+
+
+def loss_unrolled(params, ids):
+  return _xent(nnx.merge(GRAPHDEF, params)(ids), ids)
+
+
+def loss_scanned(params, ids):
+  return _xent(nnx.merge(SGRAPHDEF, params)(ids), ids)
+
+
+def loss_scan_layers(params, ids):
+  return _xent(nnx.merge(SGRAPHDEF, params)(ids, scan_with_layers=True), ids)
+
+
+OPTIMIZERS = {
+    "adamw": lambda: optax.adamw(LR, eps=1e-6, weight_decay=0.1),
+    "adamw_8bit": lambda: go.adamw_8bit(LR, eps=1e-6, weight_decay=0.1,
+                                        min_size=64),
+    "galore_adamw": lambda: go.galore_adamw(
+        LR, rank=4, update_proj_gap=GAP, eps=1e-6, weight_decay=0.1,
+        target_modules=["attn", "mlp"]),
+    "galore_adamw_8bit": lambda: go.galore_adamw_8bit(
+        LR, rank=4, update_proj_gap=GAP, eps=1e-6, target_modules=["attn",
+                                                                    "mlp"],
+        min_size=64),
+}
+
+
+def ordinary_step(loss_fn, tx):
+
+  def step(params, state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  return jax.jit(step, compiler_options=FAST)
+
+
+def run(step, params, state, batches):
+  losses = []
+  for batch in batches:
+    params, state, loss = step(params, state, batch)
+    losses.append(float(loss))
+  return params, state, losses
+
+
+def stack_blocks(params):
+  flat = nnx.to_pure_dict(params)
+  flat["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                *[flat["blocks"][i] for i in range(L)])
+  return flat
+
+
+def assert_close(a, b, eight_bit=False):
+  """Float32 rounding; 8-bit states may move one code at a rounding tie."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.shape == y.shape
+    if eight_bit:
+      diff = np.abs(x - y)
+      assert np.mean(diff > 1e-6) < 1e-3 and diff.max() < 0.02 * LR
+    else:
+      np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_pack_round_trip_keeps_every_bit_pattern():
+  rng = np.random.default_rng(1)
+  codes = np.stack([np.roll(np.arange(256, dtype=np.uint8), i)
+                    for i in range(4)])[:, :255]  # 255: needs padding
+  words = rng.integers(0, 2**32, (3, 5), dtype=np.uint32)
+  words[0, :3] = [0x7F800001, 0xFFC00000, 0x7FBFFFFF]  # NaN payloads
+  state = {
+      "codes": jnp.asarray(codes),
+      "scalar_code": jnp.asarray(np.uint8(0xFF)),
+      "count": jnp.asarray(words.view(np.int32)),
+      "words": jnp.asarray(words),
+      "flags": jnp.asarray([True, False, True]),
+      "half": jnp.asarray(rng.integers(-2**15, 2**15, (4,), dtype=np.int16)),
+      "moment": jnp.asarray(rng.normal(size=(2, 3)), jnp.bfloat16),
+  }
+  spec = jax.eval_shape(lambda: state)
+  packed = lw.pack_state(state)
+  assert all(jnp.issubdtype(x.dtype, jnp.floating)
+             for x in jax.tree.leaves(packed))
+  assert packed["codes"].shape == (4, 64)
+
+  # Through a custom_vjp cotangent, as in the step.
+  @jax.custom_vjp
+  def hook(p, s):
+    del s
+    return p
+
+  hook.defvjp(lambda p, s: (p, s), lambda s, g: (g, s))
+  _, back = jax.jit(jax.grad(lambda p, s: hook(p, s).sum(), argnums=(0, 1)))(
+      jnp.ones(2), packed)
+  out = lw.unpack_state(back, spec)
+  for name in state:
+    assert out[name].dtype == state[name].dtype, name
+    np.testing.assert_array_equal(
+        np.asarray(out[name]).view(np.uint8) if out[name].dtype != bool else
+        out[name], np.asarray(state[name]).view(np.uint8)
+        if state[name].dtype != bool else state[name], err_msg=name)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_matches_ordinary_step_unrolled_and_per_layer_scan(name):
+  """Three updates, across a projector refresh (updates 0 and 2)."""
+  tx = OPTIMIZERS[name]()
+  eight_bit = "8bit" in name
+  ref_params, _, ref_losses = run(ordinary_step(loss_unrolled, tx), PARAMS,
+                                  tx.init(PARAMS), BATCHES[:3])
+
+  init, step = lw.make_layerwise_step(loss_unrolled, tx, jit=False)
+  params, _, losses = run(jax.jit(step, compiler_options=FAST), PARAMS,
+                          init(PARAMS), BATCHES[:3])
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  assert_close(params, ref_params, eight_bit)
+
+  # Stacked weights, one layer's update at a time inside scan_layers: every
+  # layer slice has its own state, so this matches the unrolled model.
+  init, step = lw.make_layerwise_step(loss_scan_layers, tx, jit=False,
+                                      per_layer=["blocks"])
+  state = init(SPARAMS)
+  count_leaves = jax.tree.leaves(state.leaves["blocks.attn.kernel"])
+  assert all(x.shape[0] == L for x in count_leaves)
+  params, _, losses = run(jax.jit(step, compiler_options=FAST), SPARAMS,
+                          state, BATCHES[:3])
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  assert_close(stack_blocks(params), stack_blocks(ref_params), eight_bit)
+
+
+def test_matches_ordinary_step_on_nnx_scan_model():
+  """A model scanned with nnx.scan as is: stacked leaves are hooked whole."""
+  tx = OPTIMIZERS["galore_adamw_8bit"]()
+  ref_params, _, _ = run(ordinary_step(loss_scanned, tx), SPARAMS,
+                         tx.init(SPARAMS), BATCHES[:3])
+  init, step = lw.make_layerwise_step(loss_scanned, tx, jit=False)
+  params, _, _ = run(jax.jit(step, compiler_options=FAST), SPARAMS,
+                     init(SPARAMS), BATCHES[:3])
+  assert_close(params, ref_params, eight_bit=True)
+
+
+def test_accumulation_matches_multisteps_in_low_rank_space():
+  k = 2
+  tx = OPTIMIZERS["galore_adamw"]()
+  # A window that starts with a refresh gets identical micro-batches (there
+  # the SVD sees the first micro-batch, MultiSteps the mean); the others get
+  # different ones.
+  micro = []
+  for window in range(3):
+    a, b = BATCHES[window], BATCHES[window + 1]
+    micro += [a, a] if window % GAP == 0 else [a, b]
+  multi = optax.MultiSteps(tx, k)
+  ref_params, _, _ = run(ordinary_step(loss_unrolled, multi), PARAMS,
+                         multi.init(PARAMS), micro)
+  steps = lw.make_layerwise_step(loss_unrolled, tx, accumulate_steps=k,
+                                 jit=False)
+  state = steps.init(PARAMS)
+  unpacked = steps.unpack_state(state, PARAMS)
+  assert unpacked["blocks.0.attn.kernel"].acc.shape == (D, 4)  # low rank
+  assert unpacked["blocks.0.mlp.kernel"].acc.shape == (4, F)
+  assert unpacked["head.kernel"].acc.shape == (D, V)  # not a target
+  step = jax.jit(steps.step, compiler_options=FAST)
+  params = PARAMS
+  for i, batch in enumerate(micro):
+    before = params
+    params, state, _ = step(params, state, batch)
+    if i % k == 0:  # mid-window: nothing moves
+      assert all(bool(jnp.all(x == y)) for x, y in zip(
+          jax.tree.leaves(before), jax.tree.leaves(params)))
+  assert_close(params, ref_params)
+  assert int(steps.unpack_state(state, PARAMS)["head.kernel"].mini_step) == 0
+
+
+def test_clip_norm_clips_each_leaf_on_its_own():
+  g = {"a": jnp.full((3, 4), 2.0), "b": jnp.array([0.3, 0.4])}
+  clipped, _ = lw.clip_by_leaf_norm(1.0).update(g, optax.EmptyState())
+  np.testing.assert_allclose(jnp.linalg.norm(clipped["a"]), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(clipped["b"], g["b"])  # norm 0.5: untouched
+
+  c = 0.2  # below most leaves' gradient norms here
+  tx = optax.adam(LR)
+  ref_params, _, _ = run(
+      ordinary_step(loss_unrolled, optax.chain(lw.clip_by_leaf_norm(c), tx)),
+      PARAMS, optax.chain(lw.clip_by_leaf_norm(c), tx).init(PARAMS),
+      BATCHES[:2])
+  init, step = lw.make_layerwise_step(loss_unrolled, tx, clip_norm=c,
+                                      jit=False)
+  params, _, _ = run(jax.jit(step, compiler_options=FAST), PARAMS,
+                     init(PARAMS), BATCHES[:2])
+  assert_close(params, ref_params)
+  # It is not global-norm clipping.
+  glob = optax.chain(optax.clip_by_global_norm(c), tx)
+  glob_params, _, _ = run(ordinary_step(loss_unrolled, glob), PARAMS,
+                          glob.init(PARAMS), BATCHES[:2])
+  assert max(float(jnp.abs(x - y).max()) for x, y in zip(
+      jax.tree.leaves(glob_params), jax.tree.leaves(params))) > 1e-4
+
+
+def test_jit_compiles_once_donates_and_updates_unused_leaves():
+  traces = []
+
+  def loss_without_head(params, ids):
+    traces.append(1)
+    model = nnx.merge(GRAPHDEF, params)
+    x = model.embed(ids)
+    for block in model.blocks:
+      x = block(x)
+    return jnp.mean(x.astype(jnp.float32) ** 2)
+
+  tx = OPTIMIZERS["adamw"]()  # weight decay moves the unused head
+  ref_params, _, _ = run(ordinary_step(loss_without_head, tx), PARAMS,
+                         tx.init(PARAMS), BATCHES[:3])
+  traces.clear()
+  init, step = lw.make_layerwise_step(loss_without_head, tx)
+  params = jax.tree.map(jnp.copy, PARAMS)
+  state = init(params)
+  first = jax.tree.leaves(params)[0]
+  params, state, _ = run(step, params, state, BATCHES[:3])
+  assert len(traces) == 1  # one trace, one compilation
+  assert first.is_deleted()  # donated
+  assert_close(params, ref_params)
+  head = params["head"]["kernel"][...]
+  assert not np.allclose(head, PARAMS["head"]["kernel"][...])
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="matches no parameter"):
+    lw.make_layerwise_step(loss_scanned, optax.sgd(0.1),
+                           per_layer="blocks").init(SPARAMS)
+  init, step = lw.make_layerwise_step(loss_scanned, optax.sgd(0.1),
+                                      per_layer=["blocks"], jit=False)
+  with pytest.raises(ValueError, match="did not go through scan_layers"):
+    jax.eval_shape(step, SPARAMS, init(SPARAMS), BATCHES[0])
+  with pytest.raises(ValueError, match="accumulate_steps"):
+    lw.make_layerwise_step(loss_unrolled, optax.sgd(0.1), accumulate_steps=0)
+
+
+_SHARDED = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import galore_optax as go
+    from galore_optax import layerwise as lw
+
+    mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"attn": jax.random.normal(k[0], (32, 16)) * 0.1,
+              "mlp": jax.random.normal(k[1], (16, 32)) * 0.1,
+              "norm": jnp.ones(32)}
+    x = jax.random.normal(k[2], (8, 32))
+    def loss(p, x):
+      h = jnp.tanh(x @ p["attn"]) @ p["mlp"]
+      return jnp.mean((h * p["norm"] - x) ** 2)
+    tx = go.galore_adamw_8bit(1e-2, rank=4, update_proj_gap=2, min_size=64)
+    def ordinary(p, s, x):
+      g = jax.grad(loss)(p, x)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    p1, s1 = params, tx.init(params)
+    shard = {"attn": P("d", None), "mlp": P("d", None), "norm": P("d")}
+    p2 = {n: jax.device_put(v, NamedSharding(mesh, shard[n]))
+          for n, v in params.items()}
+    init, step = lw.make_layerwise_step(loss, tx)
+    s2 = init(p2)
+    for _ in range(3):
+      p1, s1 = jax.jit(ordinary)(p1, s1, x)
+      p2, s2, _ = step(p2, s2, x)
+    for n in params:
+      assert p2[n].sharding.spec == shard[n], (n, p2[n].sharding)
+      np.testing.assert_allclose(p1[n], p2[n], atol=2e-6)
+    print("OK")
+    """)
+
+
+def test_sharded_parameters_keep_their_sharding():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True,
+                       text=True, env=env, timeout=300)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
