@@ -145,3 +145,16 @@ def test_initial_projector_is_orthonormal():
   np.testing.assert_allclose(
       jnp.swapaxes(proj.left, -1, -2) @ proj.left, np.broadcast_to(
           np.eye(3), (2, 3, 3)))
+
+
+@pytest.mark.parametrize("method", projection.PROJECTOR_METHODS)
+@pytest.mark.parametrize("scale", [1e19, 1e-30])
+def test_projector_is_scale_invariant(method, scale):
+  """Huge gradients would overflow G G^T Q in the randomized method."""
+  g = _matrix(5, 24, 16)
+  plan = projection.plan_leaf(g.shape, 4, "left")
+  kwargs = dict(method=method, previous=projection.initial_projector(plan),
+                key=jax.random.key(0))
+  scaled = projection.compute_projector(g * scale, plan, **kwargs)
+  plain = projection.compute_projector(g, plan, **kwargs)
+  np.testing.assert_allclose(scaled.left, plain.left, atol=1e-5)
