@@ -46,13 +46,14 @@ What the step supports:
   layer-wise step ``scan_layers`` is a plain ``lax.scan``.
 * any optax transformation whose update of a leaf depends only on that leaf
   (``optax.adamw``, ``adamw_8bit``, ``galore_adamw``, ``galore_adamw_8bit``,
-  ...). Transformations that couple leaves (global-norm clipping, LAMB/LARS
-  trust ratios over the tree are per-leaf and fine, but e.g.
-  ``optax.clip_by_global_norm`` inside ``tx``) are computed per leaf, which
-  changes their meaning. ``galore_project(stagger_refresh=True)`` and the
-  randomized projector's per-leaf seeds depend on a leaf's position among all
-  projected leaves, which a per-leaf state does not know: all leaves refresh
-  in the same step, and randomized projectors use the seed of leaf 0.
+  ``galore_adafactor``, LAMB's per-leaf trust ratio, ...). A transformation
+  that couples leaves (e.g. ``optax.clip_by_global_norm`` inside ``tx``) is
+  computed per leaf, which changes its meaning. ``galore_project``'s
+  ``stagger_refresh`` and the randomized projector's keys depend on a leaf's
+  position among all projected leaves, which a per-leaf state does not know:
+  every leaf refreshes in the same step (as without staggering) and the
+  randomized method draws the keys of the first leaf; exact-SVD results are
+  unaffected.
 * sharded parameters: the step is ordinary jitted JAX; shardings propagate as
   in a normal step (the packing keeps every axis but the last).
 
