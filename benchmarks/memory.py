@@ -123,7 +123,12 @@ def tree_bytes(tree: Any) -> int:
 # float32 copy is stored and the result is written in bf16, as a GPU or TPU
 # matmul does. It changes where products are rounded, not what is computed.
 FUSED_BF16_DOTS = {"xla_cpu_experimental_ynn_fusion_type":
-                   "LIBRARY_FUSION_TYPE_DOT"}
+                   "LIBRARY_FUSION_TYPE_DOT",
+                   # Without this, XLA's CSE merges the converts of a weight
+                   # used by several matmuls (forward and backward) into one
+                   # float32 copy that cannot be fused and lives from the
+                   # forward to the backward pass.
+                   "xla_disable_hlo_passes": "cse"}
 
 
 def peak_buffers(dump_dir: str, top: int) -> list[tuple[str, int]]:
@@ -146,6 +151,7 @@ class Row:
   optimizer: str
   mode: str
   remat: bool
+  row_chunks: int
   rank: int
   dots: str
   params_gib: float
@@ -158,7 +164,8 @@ class Row:
 
 
 def build_step(preset: str, opt_name: str, mode: str, *, remat: bool,
-               rank: int, projector_dtype: str, batch: int, seq: int):
+               rank: int, projector_dtype: str, batch: int, seq: int,
+               row_chunks: int = 1):
   """The jitted step and its abstract arguments."""
   scan = mode == "layerwise_scan"
   model = llama.abstract_model(preset, dtype=jnp.bfloat16,
@@ -185,8 +192,13 @@ def build_step(preset: str, opt_name: str, mode: str, *, remat: bool,
     step = jax.jit(step, donate_argnums=(0, 1))
     state = jax.eval_shape(tx.init, params)
   elif mode in ("layerwise", "layerwise_scan"):
+    # The embedding and the head are not GaLore targets: their (8-bit) Adam
+    # update is element-wise and may run in row blocks.
+    chunks = ({"embed_tokens": row_chunks, "lm_head": row_chunks}
+              if row_chunks > 1 else None)
     lw = layerwise.make_layerwise_step(
-        loss_fn, tx, per_layer=["model.layers"] if scan else None)
+        loss_fn, tx, per_layer=["model.layers"] if scan else None,
+        row_chunks=chunks)
     step = lw.step
     state = jax.eval_shape(lw.init, params)
   else:
@@ -196,10 +208,11 @@ def build_step(preset: str, opt_name: str, mode: str, *, remat: bool,
 
 def measure(preset: str, opt_name: str, mode: str, *, remat: bool, rank: int,
             projector_dtype: str, batch: int, seq: int, dots: str,
-            top: int = 0) -> Row:
+            top: int = 0, row_chunks: int = 1) -> Row:
   step, abstract_args = build_step(
       preset, opt_name, mode, remat=remat, rank=rank,
-      projector_dtype=projector_dtype, batch=batch, seq=seq)
+      projector_dtype=projector_dtype, batch=batch, seq=seq,
+      row_chunks=row_chunks)
   options = dict(FUSED_BF16_DOTS) if dots == "fused" else {}
   t0 = time.time()
   lowered = step.lower(*abstract_args)
@@ -216,7 +229,8 @@ def measure(preset: str, opt_name: str, mode: str, *, remat: bool, rank: int,
   args = mem.argument_size_in_bytes / GIB
   temps = mem.temp_size_in_bytes / GIB
   params, state, _ = abstract_args
-  return Row(preset, opt_name, mode, remat, rank, dots,
+  return Row(preset, opt_name, mode, remat,
+             row_chunks if mode != "ordinary" else 1, rank, dots,
              tree_bytes(params) / GIB, tree_bytes(state) / GIB, args, temps,
              args + temps, compile_s, peak)
 
@@ -241,6 +255,9 @@ def main(argv=None):
   parser.add_argument("--top", type=int, default=0,
                       help="also list the N largest buffers live at XLA's "
                       "peak (dumps the compiled module to a temp dir)")
+  parser.add_argument("--row-chunks", type=int, default=1,
+                      help="layer-wise modes: update the embedding and the "
+                      "head in this many row blocks (row_chunks)")
   parser.add_argument("--json", default=None, help="append rows to this file")
   args = parser.parse_args(argv)
 
@@ -259,8 +276,10 @@ def main(argv=None):
           row = measure(preset, opt, mode, remat=args.remat, rank=rank,
                         projector_dtype=args.projector_dtype,
                         batch=args.batch, seq=args.seq, dots=dots,
-                        top=args.top)
-          print(f"| {preset} | {opt} | {mode} | {row.remat} | "
+                        top=args.top, row_chunks=args.row_chunks)
+          mode_text = mode + (f" (row_chunks {row.row_chunks})"
+                              if row.row_chunks > 1 else "")
+          print(f"| {preset} | {opt} | {mode_text} | {row.remat} | "
                 f"{rank if 'galore' in opt else '-'} | {dots} | "
                 f"{row.params_gib:.2f} | {row.state_gib:.2f} | "
                 f"{row.args_gib:.2f} | {row.temps_gib:.2f} | "

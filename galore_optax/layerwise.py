@@ -97,7 +97,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Union
 
 import jax
@@ -389,7 +389,8 @@ class _Layout:
   treedef: Any
   names: list[str]
   per_layer: list[bool]
-  unit_avals: list[jax.ShapeDtypeStruct]  # a leaf, or one layer slice
+  chunks: list[int]  # row chunks of each leaf (1: updated whole)
+  unit_avals: list[jax.ShapeDtypeStruct]  # a leaf, a layer slice or a chunk
   anchor: list[Any]  # per leaf: None or (index, ShapeDtypeStruct)
   specs: list[Any]  # abstract unpacked LeafState per unit
   lowrank: list[Any]  # projection.LeafPlan for low-rank accumulation, or None
@@ -431,6 +432,7 @@ def make_layerwise_step(
     accumulate_steps: int = 1,
     accumulate_dtype: Any = jnp.float32,
     per_layer: PerLayerSpec = None,
+    row_chunks: Mapping[str, int] | None = None,
     has_aux: bool = False,
     donate: bool = True,
     jit: bool = True,
@@ -467,6 +469,15 @@ def make_layerwise_step(
       time inside ``scan_layers``: a regex that must match the whole leaf
       name, a list of names/substrings/regexes (as ``target_modules``), or
       a predicate on names. Their states are built per layer slice.
+    row_chunks: ``{name: k}`` (names matched as one ``target_modules``
+      entry: equal, substring or regex): update these leaves ``k`` blocks of
+      rows at a time, in a loop, so the optimizer's temporaries (e.g. 8-bit
+      Adam's dequantised moments) exist for one block at a time. Each block
+      has its own state (a leading axis of size ``k``). Only for leaves whose
+      update is element-wise (Adam, AdamW, 8-bit Adam with blocks of
+      ``block_size`` values that do not straddle row blocks, SGD, Lion; not
+      GaLore-projected or Adafactor-factored leaves, which raise or change
+      meaning): then the result is the same as updating the leaf whole.
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     donate: donate ``params`` and ``opt_state`` to the step, so the new
       ones reuse their buffers.
@@ -483,6 +494,10 @@ def make_layerwise_step(
   if clip_norm is not None and not (np.isscalar(clip_norm) and clip_norm > 0):
     raise ValueError(f"clip_norm must be a positive number or None, got "
                      f"{clip_norm!r}.")
+  chunk_rules = []
+  for key, value in (row_chunks or {}).items():
+    chunk_rules.append((targets.make_matcher([key]),
+                        check_positive_int(f"row_chunks[{key!r}]", value)))
   if per_layer is None:
     per_layer_match = lambda name: False
   elif callable(per_layer):
@@ -518,6 +533,7 @@ def make_layerwise_step(
       dupes = sorted({n for n in names if names.count(n) > 1})
       raise ValueError(f"Leaf path names must be unique, got {dupes[:5]}.")
     per = []
+    chunks = []
     units = []
     for name, (_, x) in zip(names, paths_leaves):
       if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -526,15 +542,27 @@ def make_layerwise_step(
       is_per = bool(per_layer_match(name))
       if is_per and len(x.shape) < 1:
         raise ValueError(f"per_layer leaf {name!r} has no leading layer axis.")
+      nk = next((c for match, c in chunk_rules if match(name)), 1)
+      if nk > 1 and (is_per or len(x.shape) < 1 or x.shape[0] % nk):
+        raise ValueError(
+            f"row_chunks: leaf {name!r} of shape {tuple(x.shape)} cannot be "
+            f"split into {nk} blocks of rows (per_layer leaves cannot be "
+            "chunked; the first axis must be divisible).")
       per.append(is_per)
-      shape = tuple(x.shape[1:]) if is_per else tuple(x.shape)
+      chunks.append(nk)
+      if is_per:
+        shape = tuple(x.shape[1:])
+      elif nk > 1:
+        shape = (x.shape[0] // nk, *x.shape[1:])
+      else:
+        shape = tuple(x.shape)
       units.append(jax.ShapeDtypeStruct(shape, x.dtype))
     if per_layer is not None and not any(per):
       raise ValueError(
           f"per_layer={per_layer!r} matches no parameter. A string is a regex "
           "that must match the whole name (use a list for substrings); some "
           f"names: {names[:10]}.")
-    layout = _Layout(treedef, names, per, units, [None] * len(names),
+    layout = _Layout(treedef, names, per, chunks, units, [None] * len(names),
                      [None] * len(names), [None] * len(names))
     opt_specs: list[Any] = [None] * len(names)
     errors = {}
@@ -563,6 +591,11 @@ def make_layerwise_step(
         except ValueError:
           raise err from None
     for i, name in enumerate(names):
+      if chunks[i] > 1 and any(name in s.projectors for s in
+                               _find_galore_states(opt_specs[i])):
+        raise ValueError(
+            f"row_chunks: {name!r} is projected by galore_project, whose "
+            "update is not element-wise; it cannot be updated in row blocks.")
       plan = None
       if k > 1:
         found = [s for s in _find_galore_states(opt_specs[i])
@@ -658,6 +691,29 @@ def make_layerwise_step(
     new_p, new_st = update_unit(layout, i, g, p, st)
     return new_p, pack_state(new_st)
 
+  def update_leaf(layout, i, g, p, packed):
+    """A whole leaf's update (per layer slice or row block where stacked)."""
+    if layout.per_layer[i]:
+      return jax.vmap(lambda *a: update_packed(layout, i, *a))(g, p, packed)
+    nk = layout.chunks[i]
+    if nk == 1:
+      return update_packed(layout, i, g, p, packed)
+    shape = p.shape
+    blocks = lambda x: x.reshape(nk, shape[0] // nk, *shape[1:])
+    gk = blocks(g)
+    take = lambda x, c: jax.lax.dynamic_index_in_dim(x, c, 0, keepdims=False)
+    put = lambda x, v, c: jax.lax.dynamic_update_index_in_dim(x, v, c, 0)
+
+    def body(c, carry):
+      pk, sk = carry
+      new_p, new_s = update_packed(layout, i, take(gk, c), take(pk, c),
+                                   jax.tree.map(lambda x: take(x, c), sk))
+      return put(pk, new_p, c), jax.tree.map(lambda x, v: put(x, v, c), sk,
+                                             new_s)
+
+    pk, packed = jax.lax.fori_loop(0, nk, body, (blocks(p), packed))
+    return pk.reshape(shape), packed
+
   # -- public init ------------------------------------------------------------
 
   def init(params: Any) -> LayerwiseState:
@@ -666,7 +722,14 @@ def make_layerwise_step(
     out = {}
     for i, (name, p) in enumerate(zip(layout.names, leaves)):
       fn = lambda x, i=i: pack_state(init_unit(layout, i, x))
-      out[name] = jax.vmap(fn)(p) if layout.per_layer[i] else fn(p)
+      if layout.per_layer[i]:
+        out[name] = jax.vmap(fn)(p)
+      elif layout.chunks[i] > 1:
+        nk = layout.chunks[i]
+        out[name] = jax.vmap(fn)(p.reshape(nk, p.shape[0] // nk,
+                                           *p.shape[1:]))
+      else:
+        out[name] = fn(p)
     return LayerwiseState(out)
 
   def unpack(state: LayerwiseState, params: Any) -> dict[str, LeafState]:
@@ -674,7 +737,7 @@ def make_layerwise_step(
     out = {}
     for i, name in enumerate(layout.names):
       spec = layout.specs[i]
-      if layout.per_layer[i]:
+      if layout.per_layer[i] or layout.chunks[i] > 1:
         out[name] = jax.vmap(lambda s, spec=spec: unpack_state(s, spec))(
             state.leaves[name])
       else:
@@ -696,7 +759,7 @@ def make_layerwise_step(
     def bwd(res, g):
       p, s = res
       reached.add(i)
-      return update_packed(layout, i, g, p, s)
+      return update_leaf(layout, i, g, p, s)
 
     hook.defvjp(fwd, bwd)
     return hook
@@ -862,10 +925,8 @@ def make_layerwise_step(
         continue
       # The loss does not use this leaf: its hook never ran. Update it with a
       # zero gradient, as an ordinary step would.
-      fn = lambda p, s, i=i: update_packed(layout, i, jnp.zeros_like(p), p, s)
-      if layout.per_layer[i]:
-        fn = jax.vmap(fn)
-      new_leaves[i], new_packed[i] = fn(leaves[i], packed[i])
+      new_leaves[i], new_packed[i] = update_leaf(
+          layout, i, jnp.zeros_like(leaves[i]), leaves[i], packed[i])
     new_params = layout.treedef.unflatten(new_leaves)
     new_state = LayerwiseState(dict(zip(layout.names, new_packed)))
     if has_aux:

@@ -129,7 +129,7 @@ def loss_scan_layers(params, ids):
 OPTIMIZERS = {
     "adamw": lambda: optax.adamw(LR, eps=1e-6, weight_decay=0.1),
     "adamw_8bit": lambda: go.adamw_8bit(LR, eps=1e-6, weight_decay=0.1,
-                                        min_size=64),
+                                        min_size=64, block_size=64),
     "galore_adamw": lambda: go.galore_adamw(
         LR, rank=4, update_proj_gap=GAP, eps=1e-6, weight_decay=0.1,
         target_modules=["attn", "mlp"]),
@@ -240,9 +240,18 @@ def test_matches_ordinary_step(name):
   ref_params, _, ref_losses = run(ordinary_step(loss_unrolled, tx), PARAMS,
                                   jit_init(tx.init, PARAMS), BATCHES[:3])
 
-  init, step = lw.make_layerwise_step(loss_unrolled, tx, jit=False)
+  # adamw_8bit is element-wise: also update the embedding and the head in
+  # row blocks (64 values = one 8-bit block each), which must not change
+  # anything.
+  chunks = {"embed": 4, "head": 2} if name == "adamw_8bit" else None
+  init, step = lw.make_layerwise_step(loss_unrolled, tx, jit=False,
+                                      row_chunks=chunks)
+  state = jit_init(init, PARAMS)
+  if chunks:
+    assert all(x.shape[0] == 2
+               for x in jax.tree.leaves(state.leaves["head.kernel"]))
   params, _, losses = run(jax.jit(step, compiler_options=FAST), PARAMS,
-                          jit_init(init, PARAMS), BATCHES[:3])
+                          state, BATCHES[:3])
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
   assert_close(params, ref_params, eight_bit)
   if name not in PER_LAYER_SCAN:
@@ -369,6 +378,12 @@ def test_errors():
     jax.eval_shape(step, SPARAMS, jax.eval_shape(init, SPARAMS), BATCHES[0])
   with pytest.raises(ValueError, match="accumulate_steps"):
     lw.make_layerwise_step(loss_unrolled, optax.sgd(0.1), accumulate_steps=0)
+  with pytest.raises(ValueError, match="not element-wise"):
+    lw.make_layerwise_step(loss_unrolled, OPTIMIZERS["galore_adamw"](),
+                           row_chunks={"attn": 2}).init(PARAMS)
+  with pytest.raises(ValueError, match="cannot be split"):
+    lw.make_layerwise_step(loss_unrolled, optax.sgd(0.1),
+                           row_chunks={"head": 3}).init(PARAMS)
 
 
 _SHARDED = textwrap.dedent("""
