@@ -1,0 +1,147 @@
+"""Convergence: GaLore against AdamW at an equal token budget.
+
+Every run trains the same model (``examples/llama.py`` preset ``tiny``: 3.4M
+parameters, LLaMA architecture on ByT5 bytes) on the same data (the Python
+standard library's source, the example's default corpus), with the same seed,
+batches, schedule (10% warm-up, cosine to 10%), clipping and token budget, by
+calling the pre-training example (``examples.pretrain_llama.main``) once per
+optimizer. GaLore runs share rank, gap, scale and targets (attention and MLP),
+``optax.contrib.galore`` included. Reported: the final held-out loss and
+perplexity of each, and the ratio of each final loss to ``adamw``'s; the loss
+curves go to a PNG.
+
+Run from the repository root (about 15 minutes per run on two CPU cores)::
+
+    python -m benchmarks.convergence                       # all runs
+    python -m benchmarks.convergence --runs adamw galore_adamw --steps 200
+
+A run whose ``summary.json`` in ``--out-dir`` already matches the requested
+configuration is reused, so an interrupted benchmark continues where it
+stopped and runs can be added one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from examples import pretrain_llama
+
+# name -> extra example arguments. Learning rates are the example's defaults
+# (the paper's 0.01 with scale 0.25 for GaLore, 3e-3 for the full-rank runs).
+RUNS: dict[str, list[str]] = {
+    "adamw": ["--optimizer", "adamw"],
+    "galore_adamw": ["--optimizer", "galore_adamw"],
+    "galore_adamw_8bit": ["--optimizer", "galore_adamw_8bit"],
+    "optax_contrib_galore": ["--optimizer", "optax_contrib_galore"],
+    "galore_adamw_project": ["--optimizer", "galore_adamw",
+                             "--moments", "project"],
+    "galore_adamw_reset": ["--optimizer", "galore_adamw",
+                           "--moments", "reset"],
+}
+BASELINE = "adamw"
+
+
+def common_args(args: argparse.Namespace) -> list[str]:
+  return [
+      "--model", args.model, "--steps", str(args.steps),
+      "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+      "--rank", str(args.rank), "--update-proj-gap", str(args.update_proj_gap),
+      "--scale", str(args.scale), "--target-modules", "attn,mlp",
+      "--eval-every", str(args.eval_every),
+      "--eval-batches", str(args.eval_batches), "--seed", str(args.seed),
+      "--log-every", "50", "--no-tensorboard", "--no-plot",
+  ]
+
+
+def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
+  """Runs (or reuses) one optimizer's training; returns its summary."""
+  out_dir = Path(args.out_dir) / name
+  argv = common_args(args) + RUNS[name] + ["--out-dir", str(out_dir)]
+  done = out_dir / "summary.json"
+  if done.exists():
+    summary = json.loads(done.read_text())
+    if summary.get("argv") == argv:
+      print(f"[{name}] reusing {done}")
+      return summary
+  print(f"[{name}] python -m examples.pretrain_llama {' '.join(argv)}",
+        flush=True)
+  summary = pretrain_llama.main(argv)
+  summary["argv"] = argv
+  done.write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def eval_curve(out_dir: Path) -> tuple[list[int], list[float]]:
+  with (out_dir / "metrics.csv").open() as f:
+    rows = [r for r in csv.DictReader(f) if r["eval_loss"]]
+  return [int(r["step"]) for r in rows], [float(r["eval_loss"]) for r in rows]
+
+
+def plot(names: list[str], out_dir: Path, path: Path) -> None:
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name in names:
+    steps, losses = eval_curve(out_dir / name)
+    ax.plot(steps, losses, label=name, marker=".")
+  ax.set_xlabel("optimizer step")
+  ax.set_ylabel("held-out loss (nats per byte)")
+  ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  ax.set_title("Convergence at equal token budget")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--runs", nargs="+", default=list(RUNS),
+                      choices=list(RUNS))
+  parser.add_argument("--model", default="tiny")
+  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--seq-len", type=int, default=128)
+  parser.add_argument("--rank", type=int, default=64)
+  parser.add_argument("--update-proj-gap", type=int, default=200)
+  parser.add_argument("--scale", type=float, default=0.25)
+  parser.add_argument("--eval-every", type=int, default=250)
+  parser.add_argument("--eval-batches", type=int, default=16)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out-dir", default="runs/convergence")
+  args = parser.parse_args(argv)
+
+  summaries = {name: run_one(name, args) for name in args.runs}
+  out_dir = Path(args.out_dir)
+  base = summaries.get(BASELINE)
+  print(f"\nmachine: {platform.machine()}, {jax.devices()[0].device_kind}, "
+        f"jax {jax.__version__}; model {args.model}, {args.steps} steps of "
+        f"{args.batch_size} x {args.seq_len} tokens, rank {args.rank}, "
+        f"gap {args.update_proj_gap}, scale {args.scale}")
+  print("| run | final eval loss | eval ppl | loss / adamw | optimizer state "
+        "| wall time |")
+  print("|---|---|---|---|---|---|")
+  for name, s in summaries.items():
+    ratio = (f"{s['final_eval_loss'] / base['final_eval_loss']:.4f}x"
+             if base else "-")
+    print(f"| {name} | {s['final_eval_loss']:.4f} | "
+          f"{s['final_eval_ppl']:.3f} | {ratio} | "
+          f"{s['opt_state_bytes'] / 2**20:.2f} MiB | "
+          f"{s['wall_time_s'] / 60:.1f} min |")
+  plot(list(summaries), out_dir, out_dir / "convergence.png")
+  (out_dir / "results.json").write_text(json.dumps(summaries, indent=2))
+  print(f"plot: {out_dir / 'convergence.png'}")
+
+
+if __name__ == "__main__":
+  main()
