@@ -147,7 +147,7 @@ def make_optimizer(name: str, schedule: optax.Schedule, args: Any,
     name: one of ``OPTIMIZERS``.
     schedule: the learning-rate schedule.
     args: parsed arguments (rank, update_proj_gap, scale, proj_type,
-      target_modules, projector_method, weight_decay, seed).
+      target_modules, projector_method, moments, weight_decay, seed).
     params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``), for
       optimizers whose target selection is a precomputed mask.
 
@@ -194,7 +194,8 @@ def make_optimizer(name: str, schedule: optax.Schedule, args: Any,
   accepted = galore_optax.optimizer_arguments(base)
   wanted = dict(rank=args.rank, update_proj_gap=args.update_proj_gap,
                 scale=args.scale, proj_type=args.proj_type,
-                projector_method=args.projector_method, seed=args.seed)
+                projector_method=args.projector_method, moments=args.moments,
+                seed=args.seed)
   if "b1" in accepted:  # the AdamW family (Adafactor has its own eps)
     wanted.update(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
   kwargs = {k: v for k, v in wanted.items() if k in accepted}
@@ -325,7 +326,7 @@ METRIC_FIELDS = ("step", "train_loss", "eval_loss", "eval_ppl", "lr",
                  "tokens_per_s", "elapsed")
 # Arguments a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("model", "optimizer", "rank", "update_proj_gap", "scale",
-               "proj_type", "target_modules", "projector_method", "lr",
+               "proj_type", "target_modules", "projector_method", "moments", "lr",
                "min_lr_ratio", "warmup_ratio", "weight_decay", "max_grad_norm",
                "grad_accum", "batch_size", "seq_len", "steps", "seed", "data",
                "tokenizer", "max_train_bytes", "param_dtype", "scan_layers")
@@ -462,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "for one full-match regex; 'all-linear'; 'all'")
   g.add_argument("--projector-method", default="svd",
                  choices=galore_optax.PROJECTOR_METHODS)
+  g.add_argument("--moments", default="keep",
+                 choices=galore_optax.MOMENT_POLICIES,
+                 help="GaLore moments at a projector refresh")
   g.add_argument("--lr", type=float, default=None,
                  help=f"peak learning rate (default: {_GALORE_LR:g} for the "
                  f"GaLore optimizers, {_FULL_RANK_LR:g} for the others)")

@@ -31,6 +31,7 @@ from galore_optax.state_8bit import quantize_state_8bit
 from galore_optax.targets import galore_labels
 from galore_optax.targets import path_to_name
 from galore_optax.targets import target_mask
+from galore_optax.transform import MOMENT_POLICIES
 from galore_optax.transform import GaLoreState
 from galore_optax.transform import galore_project
 
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "GaLoreState",
+    "MOMENT_POLICIES",
     "OPTIMIZER_NAMES",
     "ScaleByFactoredRmsHfState",
     "adafactor",

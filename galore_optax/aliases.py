@@ -61,6 +61,7 @@ def galore_adamw(
     projector_method: str = "svd",
     projector_dtype: str = "float32",
     stagger_refresh: bool = False,
+    moments: str = "keep",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose moments live in a GaLore subspace for the target matrices.
@@ -93,6 +94,8 @@ def galore_adamw(
     projector_method: ``svd`` (exact) or ``randomized``.
     projector_dtype: ``float32`` or ``bfloat16`` projector storage.
     stagger_refresh: spread projector refreshes over the window.
+    moments: ``keep`` (the reference), ``project`` or ``reset``: what
+      happens to the moments at a refresh (see ``galore_project``).
     seed: seed of the randomized projector's keys.
 
   Returns:
@@ -113,6 +116,7 @@ def galore_adamw(
       projector_method=projector_method,
       projector_dtype=projector_dtype,
       stagger_refresh=stagger_refresh,
+      moments=moments,
       seed=seed,
   )
 
@@ -145,6 +149,7 @@ def galore_adafactor(
     projector_method: str = "svd",
     projector_dtype: str = "float32",
     stagger_refresh: bool = False,
+    moments: str = "keep",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor whose factored moments live in a GaLore subspace.
@@ -184,6 +189,8 @@ def galore_adafactor(
     projector_method: ``svd`` (exact) or ``randomized``.
     projector_dtype: ``float32``, ``bfloat16`` or ``int8`` projectors.
     stagger_refresh: spread projector refreshes over the window.
+    moments: ``keep`` (the reference), ``project`` or ``reset``: what
+      happens to the moments at a refresh (see ``galore_project``).
     seed: seed of the randomized projector's keys.
 
   Returns:
@@ -210,6 +217,7 @@ def galore_adafactor(
       projector_method=projector_method,
       projector_dtype=projector_dtype,
       stagger_refresh=stagger_refresh,
+      moments=moments,
       seed=seed,
   )
 
@@ -274,6 +282,7 @@ def galore_adamw_8bit(
     projector_method: str = "svd",
     projector_dtype: str = "float32",
     stagger_refresh: bool = False,
+    moments: str = "keep",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore AdamW with 8-bit moments: ``galore_adamw`` + ``adamw_8bit``.
@@ -301,6 +310,8 @@ def galore_adamw_8bit(
     projector_method: ``svd`` (exact) or ``randomized``.
     projector_dtype: ``float32``, ``bfloat16`` or ``int8`` projectors.
     stagger_refresh: spread projector refreshes over the window.
+    moments: ``keep`` (the reference), ``project`` or ``reset``: what
+      happens to the moments at a refresh (see ``galore_project``).
     seed: seed of the randomized projector's keys.
 
   Returns:
@@ -324,5 +335,6 @@ def galore_adamw_8bit(
       projector_method=projector_method,
       projector_dtype=projector_dtype,
       stagger_refresh=stagger_refresh,
+      moments=moments,
       seed=seed,
   )

@@ -322,6 +322,41 @@ def project_back(lowrank: jax.Array, projector: Projector,
   return x
 
 
+def carry_moment(moment: jax.Array, old: Projector, new: Projector,
+                 plan: LeafPlan, *, second: bool) -> jax.Array:
+  """Re-expresses a low-rank optimizer moment in a refreshed subspace.
+
+  A first moment ``M`` (left side) stands for ``P_old M`` in the full space;
+  in the new basis that is ``P_new^T P_old M``, i.e. ``C M`` with the
+  ``r x r`` overlap ``C = P_new^T P_old`` (right side: ``M D`` with
+  ``D = Q_old Q_new^T``; both sides for ``full``). A second moment holds
+  per-coordinate variances; treating the old coordinates as independent,
+  the new ones are ``(C * C) v`` (``v (D * D)``), which stays non-negative.
+  Directions of the old subspace outside the new one are dropped.
+
+  Args:
+    moment: ``(*batch, *lowrank)`` moment in the old basis.
+    old: the previous projector (float32 factors).
+    new: the refreshed projector (float32 factors).
+    plan: the leaf's plan.
+    second: whether ``moment`` is a non-negative second moment.
+
+  Returns:
+    The moment in the new basis, same shape and dtype.
+  """
+  x = moment.astype(jnp.float32)
+  power = (lambda c: c * c) if second else (lambda c: c)
+  if plan.use_left:
+    c = _contract("...mr,...ms->...rs", new.left.astype(jnp.float32),
+                  old.left.astype(jnp.float32))
+    x = _contract("...rs,...sn->...rn", power(c), x)
+  if plan.use_right:
+    d = _contract("...sn,...rn->...sr", old.right.astype(jnp.float32),
+                  new.right.astype(jnp.float32))
+    x = _contract("...ms,...sr->...mr", x, power(d))
+  return x.astype(moment.dtype)
+
+
 def is_finite_projector(projector: Projector,
                         plan: LeafPlan) -> jax.Array:
   """Per-matrix flag (shape ``plan.batch_shape``): every factor is finite."""

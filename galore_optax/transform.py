@@ -15,12 +15,14 @@ import optax
 
 from galore_optax import projection
 from galore_optax import quantization
+from galore_optax import state_8bit
 from galore_optax._checks import check_choice
 from galore_optax._checks import check_finite_number
 from galore_optax._checks import check_positive_int
 from galore_optax.targets import path_to_name
 
 PROJECTOR_DTYPES = ("float32", "bfloat16", "int8")
+MOMENT_POLICIES = ("keep", "project", "reset")
 # Orthonormal factors are dense and sign-balanced: one float32 scale per 256
 # values on the signed dynamic map, as bitsandbytes does for first moments.
 _PROJECTOR_BLOCK_SIZE = 256
@@ -65,6 +67,7 @@ def galore_project(
     projector_method: str = "svd",
     projector_dtype: str = "float32",
     stagger_refresh: bool = False,
+    moments: str = "keep",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Runs ``inner`` on gradients projected onto a rank-``r`` subspace.
@@ -79,7 +82,8 @@ def galore_project(
   The projector is recomputed from the current gradient at updates
   ``0, T, 2T, ...`` (``T = update_proj_gap``) inside the compiled step (a
   ``lax.cond``, so refresh and ordinary steps share one compilation).
-  ``inner``'s state is kept across refreshes, as in the reference. A refresh
+  By default ``inner``'s state is kept across refreshes, as in the
+  reference (``moments="keep"``); see ``moments`` for the others. A refresh
   whose gradient or resulting projector is not finite is skipped for that
   matrix, which keeps its previous projector.
 
@@ -100,6 +104,16 @@ def galore_project(
     stagger_refresh: spread the refreshes of different leaves over the
       window so that no single step recomputes every projector (all leaves
       still refresh at update 0).
+    moments: what happens to ``inner``'s moments when a leaf's projector
+      is refreshed. ``"keep"`` (the reference): they stay as they are,
+      although their coordinates now refer to the new basis. ``"project"``:
+      they are re-expressed in the new basis through the overlap of the old
+      and new projectors (``projection.carry_moment``); needs float moments
+      shaped like the low-rank leaves (Adam-like; not 8-bit or factored
+      states). ``"reset"``: ``inner``'s whole state is re-initialised at
+      every refresh (Adam's bias correction restarts too); needs
+      ``stagger_refresh=False`` and every leaf projected, since the inner
+      state's step count is shared by all leaves.
     seed: seed of the randomized method's keys, which are derived from it,
       the leaf's position and the update count, so runs and resumed runs
       reproduce.
@@ -117,6 +131,11 @@ def galore_project(
   check_choice("projector_method", projector_method,
                projection.PROJECTOR_METHODS)
   check_choice("projector_dtype", projector_dtype, PROJECTOR_DTYPES)
+  check_choice("moments", moments, MOMENT_POLICIES)
+  if moments == "reset" and stagger_refresh:
+    raise ValueError(
+        "moments='reset' re-initialises the inner state, whose step count "
+        "all leaves share, so it needs stagger_refresh=False.")
   inner = optax.with_extra_args_support(inner)
 
   def plan(leaf) -> projection.LeafPlan:
@@ -159,11 +178,63 @@ def galore_project(
         return p
       return jnp.zeros(plan(p).lowrank_shape, p.dtype)
 
+    inner_state = inner.init(jax.tree.map(lowrank_like, params))
+    if moments == "reset" and len(projectors) != len(leaves):
+      raise ValueError(
+          "moments='reset' re-initialises the inner state at each refresh, "
+          "so every leaf must be projected (>= 2 dimensions); got "
+          f"{len(leaves) - len(projectors)} leaves with fewer. Select the "
+          "matrices with optax.partition or galore_optax.galore_labels.")
+    if moments == "project":
+      moment_leaf_ids(inner_state, params)  # raises if it cannot
     return GaLoreState(
         count=jnp.zeros([], jnp.int32),
         projectors=projectors,
-        inner_state=inner.init(jax.tree.map(lowrank_like, params)),
+        inner_state=inner_state,
     )
+
+  def moment_leaf_ids(inner_state, tree) -> Any:
+    """Per leaf of ``inner_state``: the index of the parameter leaf whose
+    moment it is, or -1 for leaves not shaped like parameters (counts,
+    factored statistics)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    ids = treedef.unflatten(list(range(len(leaves))))
+    as_leaf = lambda x: isinstance(x, quantization.QuantizedArray)
+    try:
+      out = optax.tree_map_params(
+          inner, lambda _, i: i, inner_state, ids,
+          transform_non_params=lambda x: jax.tree.map(
+              lambda _: -1, x, is_leaf=as_leaf),
+          is_leaf=as_leaf)
+    except Exception as err:  # init cannot run on placeholders
+      raise ValueError(
+          "moments='project' needs an inner transformation whose moments "
+          "are trees shaped like the parameters (e.g. optax.scale_by_adam); "
+          f"could not find them in {type(inner_state).__name__}: {err}"
+      ) from err
+    state_leaves = jax.tree.leaves(inner_state, is_leaf=as_leaf)
+    id_leaves = jax.tree.leaves(out)
+    for x, i in zip(state_leaves, id_leaves):
+      if i >= 0 and as_leaf(x):
+        raise ValueError(
+            "moments='project' needs float moments; 8-bit moments would be "
+            "re-quantised in the new basis. Use moments='keep' or 'reset' "
+            "with quantize_state_8bit.")
+    return out
+
+  def carry_moments(inner_state, lowrank_tree, plans, old, new):
+    """Re-expresses the moments of the leaves in ``plans`` in their new
+    bases (``plans``, ``old``, ``new``: by leaf index; float32 factors)."""
+    ids = moment_leaf_ids(inner_state, lowrank_tree)
+
+    def carry(path, x, i):
+      if i not in plans:
+        return x
+      return projection.carry_moment(
+          x, old[i], new[i], plans[i],
+          second=state_8bit.is_second_moment(inner_state, path))
+
+    return jax.tree_util.tree_map_with_path(carry, inner_state, ids)
 
   def refresh(grads: list[jax.Array], projectors: list[projection.Projector],
               leaf_ids: list[int], count: jax.Array) -> list[Any]:
@@ -188,19 +259,41 @@ def galore_project(
     projected_set = set(projected)
     offsets = _refresh_offsets(len(projected), gap, stagger_refresh)
 
+    lowrank_zeros = treedef.unflatten([
+        jnp.zeros(plan(g).lowrank_shape, g.dtype) if i in projected_set
+        else g for i, g in enumerate(grads)])
+    # Only "project" changes the inner state at a refresh: only then is it
+    # an operand of the refresh's cond.
+    inner_state = state.inner_state if moments == "project" else None
+
+    def refresh_group(operand, group):
+      ps, inner_state = operand
+      new_ps = refresh([grads[i] for i in group], ps, group, state.count)
+      if moments == "project":
+        inner_state = carry_moments(
+            inner_state, lowrank_zeros, {i: plan(grads[i]) for i in group},
+            {i: load(p) for i, p in zip(group, ps)},
+            {i: load(p) for i, p in zip(group, new_ps)})
+      return new_ps, inner_state
+
     new_projectors = dict(projectors)
     for offset in sorted(set(offsets)):
       group = [i for i, o in zip(projected, offsets) if o == offset]
       due = (state.count == 0) | ((state.count - offset) % gap == 0)
-      refreshed = jax.lax.cond(
+      refreshed, inner_state = jax.lax.cond(
           due,
-          lambda ps, group=group: refresh([grads[i] for i in group], ps,
-                                          group, state.count),
-          lambda ps: ps,
-          [projectors[i] for i in group],
+          lambda operand, group=group: refresh_group(operand, group),
+          lambda operand: operand,
+          ([projectors[i] for i in group], inner_state),
       )
       for i, proj in zip(group, refreshed):
         new_projectors[i] = proj
+    if inner_state is None:
+      inner_state = state.inner_state
+    if moments == "reset":
+      inner_state = jax.lax.cond(
+          (state.count > 0) & (state.count % gap == 0),
+          lambda s: inner.init(lowrank_zeros), lambda s: s, inner_state)
 
     factors = {i: load(new_projectors[i]) for i in projected}
     lowrank = [
@@ -208,7 +301,7 @@ def galore_project(
         if i in projected_set else g for i, g in enumerate(grads)
     ]
     inner_updates, inner_state = inner.update(
-        treedef.unflatten(lowrank), state.inner_state, None, **extra_args)
+        treedef.unflatten(lowrank), inner_state, None, **extra_args)
     inner_updates = treedef.flatten_up_to(inner_updates)
     full = [
         (projection.project_back(u, factors[i], plan(g)) *

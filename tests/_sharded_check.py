@@ -45,6 +45,13 @@ def main():
       "galore_adamw-randomized": lambda: galore_optax.galore_adamw(
           1e-2, rank=4, update_proj_gap=2, target_modules=targets,
           projector_method="randomized"),
+      # The moment policies that touch the inner state at a refresh.
+      "galore_adamw-randomized-project": lambda: galore_optax.galore_adamw(
+          1e-2, rank=4, update_proj_gap=2, target_modules=targets,
+          projector_method="randomized", moments="project"),
+      "galore_adamw-svd-reset": lambda: galore_optax.galore_adamw(
+          1e-2, rank=4, update_proj_gap=2, target_modules=targets,
+          moments="reset"),
       # 8-bit codes turn float32 reduction-order noise into occasional
       # one-code differences, so the 8-bit check uses the exact SVD path,
       # where the layouts agree to float32 rounding.

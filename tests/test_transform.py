@@ -10,6 +10,7 @@ import pytest
 from galore_optax import GaLoreState
 from galore_optax import galore_project
 from galore_optax import projection
+from galore_optax import quantize_state_8bit
 
 
 def _grads(step, params):
@@ -176,6 +177,8 @@ def test_staggered_refresh_spreads_leaves():
     ({"projector_method": "qr"}, "projector_method"),
     ({"projector_dtype": "int4"}, "projector_dtype"),
     ({"scale": float("nan")}, "scale"),
+    ({"moments": "rotate"}, "moments"),
+    ({"moments": "reset", "stagger_refresh": True}, "stagger_refresh"),
 ])
 def test_bad_arguments_raise_at_construction(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -203,3 +206,100 @@ def test_stacked_leaf_equals_separate_leaves(method):
       a = np.asarray(s_state.projectors["w"].right[i])
       b = np.asarray(p_state.projectors[f"w{i}"].right)
       np.testing.assert_allclose(np.abs(a @ b.T), np.eye(3), atol=1e-3)
+
+
+# Leaves projected on each side and both, stacked included.
+MOMENT_PARAMS = {"tall": jnp.zeros((12, 8)), "wide": jnp.zeros((6, 10)),
+                 "stack": jnp.zeros((2, 9, 7))}
+
+
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+def test_project_moments_carries_them_into_the_new_basis(proj_type):
+  b1, b2 = 0.9, 0.999
+  tx = galore_project(optax.scale_by_adam(b1=b1, b2=b2), rank=3,
+                      update_proj_gap=2, proj_type=proj_type,
+                      moments="project")
+  state = tx.init(MOMENT_PARAMS)
+  update = jax.jit(tx.update)
+  for step in range(2):
+    _, state = update(_grads(step, MOMENT_PARAMS), state)
+  g = _grads(2, MOMENT_PARAMS)
+  _, after = update(g, state)  # count 2: a refresh
+  for name, p in MOMENT_PARAMS.items():
+    plan = projection.plan_leaf(p.shape, 3, proj_type)
+    old, new = state.projectors[name], after.projectors[name]
+    side = new.left if plan.use_left else new.right
+    assert not np.allclose(side, old.left if plan.use_left else old.right)
+    # The overlap matrices, written out: C = P_new^T P_old, D = Q_old Q_new^T.
+    mu, nu = state.inner_state.mu[name], state.inner_state.nu[name]
+    if plan.use_left:
+      c = np.swapaxes(new.left, -1, -2) @ old.left
+      mu, nu = c @ mu, (c * c) @ nu
+    if plan.use_right:
+      d = old.right @ np.swapaxes(new.right, -1, -2)
+      mu, nu = mu @ d, nu @ (d * d)
+    low = projection.project(g[name], new, plan)
+    np.testing.assert_allclose(after.inner_state.mu[name],
+                               b1 * mu + (1 - b1) * low, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(after.inner_state.nu[name],
+                               b2 * nu + (1 - b2) * low**2, rtol=1e-5,
+                               atol=1e-7)
+  assert int(after.inner_state.count) == 3
+
+
+def test_project_moments_at_full_rank_preserves_the_full_space_moment():
+  # With r = min(m, n) both bases span everything: carrying the moment to
+  # the new basis must not change what it stands for in the full space.
+  params = {"w": jnp.zeros((10, 4))}
+  plan = projection.plan_leaf((10, 4), 4, "std")
+  tx = galore_project(optax.scale_by_adam(b1=0.9), rank=4, update_proj_gap=2,
+                      moments="project")
+  state = tx.init(params)
+  for step in range(2):
+    _, state = tx.update(_grads(step, params), state)
+  g = _grads(2, params)
+  _, after = tx.update(g, state)
+  full_before = projection.project_back(state.inner_state.mu["w"],
+                                        state.projectors["w"], plan)
+  full_after = projection.project_back(after.inner_state.mu["w"],
+                                       after.projectors["w"], plan)
+  np.testing.assert_allclose(full_after, 0.9 * full_before + 0.1 * g["w"],
+                             rtol=1e-5, atol=1e-6)
+  # "keep" does not: the same coordinates now mean other directions.
+  tx_keep = galore_project(optax.scale_by_adam(b1=0.9), rank=4,
+                           update_proj_gap=2)
+  keep = tx_keep.init(params)
+  for step in range(3):
+    _, keep = tx_keep.update(_grads(step, params), keep)
+  full_keep = projection.project_back(keep.inner_state.mu["w"],
+                                      keep.projectors["w"], plan)
+  assert not np.allclose(full_keep, full_after, atol=1e-3)
+
+
+def test_reset_moments_restarts_the_inner_optimizer():
+  tx = galore_project(optax.scale_by_adam(), rank=3, update_proj_gap=3,
+                      moments="reset")
+  state = tx.init(MOMENT_PARAMS)
+  update = jax.jit(tx.update)
+  for step in range(3):
+    _, state = update(_grads(step, MOMENT_PARAMS), state)
+  g = _grads(3, MOMENT_PARAMS)
+  updates, after = update(g, state)  # count 3: refresh and reset
+  fresh_updates, fresh = tx.update(g, tx.init(MOMENT_PARAMS))
+  chex.assert_trees_all_close(updates, fresh_updates, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(after.inner_state, fresh.inner_state,
+                              rtol=1e-6, atol=1e-7)
+  # Between refreshes nothing is reset.
+  _, later = update(_grads(4, MOMENT_PARAMS), after)
+  assert int(later.inner_state.count) == 2
+  assert update._cache_size() == 1
+
+
+def test_moment_policies_reject_what_they_cannot_do():
+  with pytest.raises(ValueError, match="every leaf must be projected"):
+    galore_project(optax.scale_by_adam(), rank=2, moments="reset").init(
+        {"w": jnp.zeros((4, 4)), "b": jnp.zeros((4,))})
+  eight_bit = quantize_state_8bit(optax.scale_by_adam(), min_size=1)
+  with pytest.raises(ValueError, match="needs float moments"):
+    galore_project(eight_bit, rank=2, moments="project").init(
+        {"w": jnp.zeros((64, 64))})
