@@ -62,6 +62,7 @@ def galore_adamw(
     projector_dtype: str = "float32",
     stagger_refresh: bool = False,
     moments: str = "keep",
+    matrix_axes: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose moments live in a GaLore subspace for the target matrices.
@@ -96,6 +97,8 @@ def galore_adamw(
     stagger_refresh: spread projector refreshes over the window.
     moments: ``keep`` (the reference), ``project`` or ``reset``: what
       happens to the moments at a refresh (see ``galore_project``).
+    matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
+      is not their last two axes (see ``galore_project``).
     seed: seed of the randomized projector's keys.
 
   Returns:
@@ -117,6 +120,7 @@ def galore_adamw(
       projector_dtype=projector_dtype,
       stagger_refresh=stagger_refresh,
       moments=moments,
+      matrix_axes=matrix_axes,
       seed=seed,
   )
 
@@ -150,6 +154,7 @@ def galore_adafactor(
     projector_dtype: str = "float32",
     stagger_refresh: bool = False,
     moments: str = "keep",
+    matrix_axes: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor whose factored moments live in a GaLore subspace.
@@ -191,6 +196,8 @@ def galore_adafactor(
     stagger_refresh: spread projector refreshes over the window.
     moments: ``keep`` (the reference), ``project`` or ``reset``: what
       happens to the moments at a refresh (see ``galore_project``).
+    matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
+      is not their last two axes (see ``galore_project``).
     seed: seed of the randomized projector's keys.
 
   Returns:
@@ -218,6 +225,7 @@ def galore_adafactor(
       projector_dtype=projector_dtype,
       stagger_refresh=stagger_refresh,
       moments=moments,
+      matrix_axes=matrix_axes,
       seed=seed,
   )
 
@@ -283,6 +291,7 @@ def galore_adamw_8bit(
     projector_dtype: str = "float32",
     stagger_refresh: bool = False,
     moments: str = "keep",
+    matrix_axes: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore AdamW with 8-bit moments: ``galore_adamw`` + ``adamw_8bit``.
@@ -312,6 +321,8 @@ def galore_adamw_8bit(
     stagger_refresh: spread projector refreshes over the window.
     moments: ``keep`` (the reference), ``project`` or ``reset``: what
       happens to the moments at a refresh (see ``galore_project``).
+    matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
+      is not their last two axes (see ``galore_project``).
     seed: seed of the randomized projector's keys.
 
   Returns:
@@ -336,5 +347,6 @@ def galore_adamw_8bit(
       projector_dtype=projector_dtype,
       stagger_refresh=stagger_refresh,
       moments=moments,
+      matrix_axes=matrix_axes,
       seed=seed,
   )

@@ -7,6 +7,8 @@ References:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -19,7 +21,11 @@ from galore_optax import state_8bit
 from galore_optax._checks import check_choice
 from galore_optax._checks import check_finite_number
 from galore_optax._checks import check_positive_int
+from galore_optax import targets
 from galore_optax.targets import path_to_name
+
+# ``{name: (row_axes, col_axes)}``: which axes of a leaf form its matrix.
+MatrixAxes = Mapping[str, tuple[Sequence[int], Sequence[int]]]
 
 PROJECTOR_DTYPES = ("float32", "bfloat16", "int8")
 MOMENT_POLICIES = ("keep", "project", "reset")
@@ -50,6 +56,64 @@ def _is_projected(leaf: Any) -> bool:
   return hasattr(leaf, "ndim") and leaf.ndim >= 2
 
 
+class _MatrixView(NamedTuple):
+  """How a leaf is seen as a batch of matrices: transpose, then reshape."""
+
+  perm: tuple[int, ...]  # batch axes, then row axes, then column axes
+  shape: tuple[int, ...]  # (*batch, m, n)
+
+
+def _matrix_views(matrix_axes: MatrixAxes | None, names: list[str],
+                  leaves: list[Any]) -> list[_MatrixView | None]:
+  """Per leaf, its ``_MatrixView`` from the first matching rule, or None."""
+  rules = [(key, targets.make_matcher([key]), axes)
+           for key, axes in (matrix_axes or {}).items()]
+  used = set()
+  out = []
+  for name, leaf in zip(names, leaves):
+    rule = next((r for r in rules if r[1](name)), None)
+    if rule is None:
+      out.append(None)
+      continue
+    key, _, axes = rule
+    used.add(key)
+    ndim = len(leaf.shape)
+    try:
+      rows, cols = ([int(a) % ndim if -ndim <= int(a) < ndim else None
+                     for a in group] for group in axes)
+    except (TypeError, ValueError):
+      rows = cols = [None]
+    if (None in rows + cols or not rows or not cols or
+        len(set(rows + cols)) != len(rows + cols)):
+      raise ValueError(
+          f"matrix_axes[{key!r}] = {axes!r} for leaf {name!r} of shape "
+          f"{tuple(leaf.shape)}: expected (row_axes, col_axes), two non-empty "
+          "disjoint lists of that leaf's axes.")
+    batch = [a for a in range(ndim) if a not in rows + cols]
+    shape = (*(leaf.shape[a] for a in batch),
+             math.prod(leaf.shape[a] for a in rows),
+             math.prod(leaf.shape[a] for a in cols))
+    out.append(_MatrixView(tuple(batch + rows + cols), shape))
+  unused = [key for key, _, _ in rules if key not in used]
+  if unused:
+    raise ValueError(f"matrix_axes keys {unused} match no leaf; some names: "
+                     f"{names[:10]}.")
+  return out
+
+
+def _to_matrix(x: jax.Array, view: _MatrixView | None) -> jax.Array:
+  return x if view is None else x.transpose(view.perm).reshape(view.shape)
+
+
+def _from_matrix(x: jax.Array, view: _MatrixView | None,
+                 shape: tuple[int, ...]) -> jax.Array:
+  if view is None:
+    return x
+  permuted = x.reshape(tuple(shape[a] for a in view.perm))
+  inverse = sorted(range(len(view.perm)), key=view.perm.__getitem__)
+  return permuted.transpose(inverse)
+
+
 def _refresh_offsets(num_projected: int, gap: int, stagger: bool) -> list[int]:
   """Per projected leaf, the phase of its refresh within the gap window."""
   if not stagger or num_projected == 0:
@@ -68,6 +132,7 @@ def galore_project(
     projector_dtype: str = "float32",
     stagger_refresh: bool = False,
     moments: str = "keep",
+    matrix_axes: MatrixAxes | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Runs ``inner`` on gradients projected onto a rank-``r`` subspace.
@@ -114,6 +179,13 @@ def galore_project(
       every refresh (Adam's bias correction restarts too); needs
       ``stagger_refresh=False`` and every leaf projected, since the inner
       state's step count is shared by all leaves.
+    matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
+      is not their last two axes, e.g. an attention kernel stored as
+      ``(d_model, heads, head_dim)``: ``{"q_proj": ([0], [1, 2])}`` projects
+      the ``d_model x (heads * head_dim)`` matrix; any other axes are batch
+      axes (one projector per matrix). Names match as one
+      ``target_modules`` entry (equal, substring or full regex); the first
+      matching key wins; a key that matches no leaf raises at ``init``.
     seed: seed of the randomized method's keys, which are derived from it,
       the leaf's position and the update count, so runs and resumed runs
       reproduce.
@@ -166,8 +238,15 @@ def galore_project(
                        f"{dupes[:5]}.")
     return names, [leaf for _, leaf in paths_leaves], treedef
 
+  def named_matrices(tree) -> tuple[list[str], list[Any], Any, list[Any]]:
+    """``named_leaves`` with each leaf seen as its (batch of) matrices."""
+    names, leaves, treedef = named_leaves(tree)
+    views = _matrix_views(matrix_axes, names, leaves)
+    return (names, [_to_matrix(x, v) for x, v in zip(leaves, views)],
+            treedef, views)
+
   def init_fn(params: optax.Params) -> GaLoreState:
-    names, leaves, _ = named_leaves(params)
+    names, leaves, treedef, _ = named_matrices(params)
     projectors = {
         name: store(projection.initial_projector(plan(p)))
         for name, p in zip(names, leaves) if _is_projected(p)
@@ -178,7 +257,8 @@ def galore_project(
         return p
       return jnp.zeros(plan(p).lowrank_shape, p.dtype)
 
-    inner_state = inner.init(jax.tree.map(lowrank_like, params))
+    inner_state = inner.init(treedef.unflatten(
+        [lowrank_like(p) for p in leaves]))
     if moments == "reset" and len(projectors) != len(leaves):
       raise ValueError(
           "moments='reset' re-initialises the inner state at each refresh, "
@@ -186,7 +266,7 @@ def galore_project(
           f"{len(leaves) - len(projectors)} leaves with fewer. Select the "
           "matrices with optax.partition or galore_optax.galore_labels.")
     if moments == "project":
-      moment_leaf_ids(inner_state, params)  # raises if it cannot
+      moment_leaf_ids(inner_state, treedef.unflatten(leaves))  # or raises
     return GaLoreState(
         count=jnp.zeros([], jnp.int32),
         projectors=projectors,
@@ -253,7 +333,8 @@ def galore_project(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
-    names, grads, treedef = named_leaves(updates)
+    names, grads, treedef, views = named_matrices(updates)
+    shapes = [tuple(x.shape) for x in jax.tree.leaves(updates)]
     projected = [i for i, g in enumerate(grads) if _is_projected(g)]
     projectors = {i: state.projectors[names[i]] for i in projected}
     projected_set = set(projected)
@@ -304,8 +385,9 @@ def galore_project(
         treedef.unflatten(lowrank), inner_state, None, **extra_args)
     inner_updates = treedef.flatten_up_to(inner_updates)
     full = [
-        (projection.project_back(u, factors[i], plan(g)) *
-         scale).astype(g.dtype) if i in projected_set else u
+        _from_matrix((projection.project_back(u, factors[i], plan(g)) *
+                      scale).astype(g.dtype), views[i], shapes[i])
+        if i in projected_set else _from_matrix(u, views[i], shapes[i])
         for i, (g, u) in enumerate(zip(grads, inner_updates))
     ]
     new_state = GaLoreState(

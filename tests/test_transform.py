@@ -303,3 +303,57 @@ def test_moment_policies_reject_what_they_cannot_do():
   with pytest.raises(ValueError, match="needs float moments"):
     galore_project(eight_bit, rank=2, moments="project").init(
         {"w": jnp.zeros((64, 64))})
+
+
+def test_matrix_axes_selects_the_matrix_of_a_head_shaped_kernel():
+  # q: (d_model, heads, head_dim) -> d_model x (heads * head_dim);
+  # o: (heads, head_dim, d_model) -> (heads * head_dim) x d_model.
+  shaped = {"q": jnp.zeros((12, 2, 5)), "o": jnp.zeros((2, 5, 12))}
+  flat = {"q": jnp.zeros((12, 10)), "o": jnp.zeros((10, 12))}
+  axes = {"q": ([0], [1, 2]), "o": ([0, 1], [-1])}
+  tx = galore_project(optax.scale_by_adam(), rank=3, update_proj_gap=2,
+                      matrix_axes=axes)
+  tx_flat = galore_project(optax.scale_by_adam(), rank=3, update_proj_gap=2)
+  state, state_flat = tx.init(shaped), tx_flat.init(flat)
+  update = jax.jit(tx.update)
+  for step in range(4):
+    g = _grads(step, shaped)
+    u, state = update(g, state)
+    u_flat, state_flat = tx_flat.update(
+        jax.tree.map(lambda x, f: x.reshape(f.shape), g, flat), state_flat)
+    for k in shaped:
+      assert u[k].shape == shaped[k].shape
+      np.testing.assert_allclose(u[k].reshape(flat[k].shape), u_flat[k],
+                                 rtol=1e-6, atol=1e-7)
+  assert state.projectors["q"].right.shape == (3, 10)
+  assert update._cache_size() == 1
+
+
+def test_matrix_axes_other_axes_are_batch_axes():
+  # (d_model, heads, head_dim) seen as one (d_model x head_dim) matrix per
+  # head equals the same stack stored head-first.
+  x = jnp.zeros((12, 3, 5))
+  tx = galore_project(optax.scale_by_adam(), rank=2,
+                      matrix_axes={"w": ([0], [2])})
+  tx_stacked = galore_project(optax.scale_by_adam(), rank=2)
+  state, stacked = tx.init({"w": x}), tx_stacked.init(
+      {"w": jnp.zeros((3, 12, 5))})
+  for step in range(3):
+    g = _grads(step, {"w": x})
+    u, state = tx.update(g, state)
+    u_st, stacked = tx_stacked.update(
+        {"w": g["w"].transpose(1, 0, 2)}, stacked)
+    np.testing.assert_allclose(u["w"].transpose(1, 0, 2), u_st["w"],
+                               rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("axes,match", [
+    ({"w": ([0], [0])}, "disjoint"),
+    ({"w": ([0], [])}, "non-empty"),
+    ({"w": ([3], [1])}, "axes"),
+    ({"nothing": ([0], [1])}, "match no leaf"),
+])
+def test_bad_matrix_axes_raise_at_init(axes, match):
+  tx = galore_project(optax.scale_by_adam(), rank=2, matrix_axes=axes)
+  with pytest.raises(ValueError, match=match):
+    tx.init({"w": jnp.zeros((4, 3, 5))})
