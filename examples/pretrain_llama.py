@@ -13,6 +13,9 @@ Run from the repository root::
     python -m examples.pretrain_llama --optimizer galore_adamw_8bit_layerwise
     python -m examples.pretrain_llama --model 60m --rank 128 --update-proj-gap 200
     python -m examples.pretrain_llama --mesh data=2,fsdp=4 --batch-size 16
+    # multi-host, e.g. 2 hosts x 4 devices: the same command on every host
+    python -m examples.pretrain_llama --mesh data=2,fsdp=4 --batch-size 16 \
+        --coordinator host0:1234 --num-processes 2 --process-id $HOST_INDEX
     python -m examples.pretrain_llama --steps 400 --checkpoint-every 100
     python -m examples.pretrain_llama --steps 400 --resume  # continue a run
 
@@ -27,7 +30,10 @@ What it does:
   on the same targets for comparison;
 * optional gradient accumulation (``optax.MultiSteps``): ``--steps`` counts
   optimizer updates, each of ``--grad-accum`` micro-batches;
-* data-parallel and FSDP sharding over a ``jax.make_mesh`` mesh (``--mesh``);
+* data-parallel and FSDP sharding over a ``jax.make_mesh`` mesh (``--mesh``),
+  on one host or on several (``--coordinator``/``--distributed``:
+  ``jax.distributed``; checkpoints go to one shared directory, process
+  ``i > 0`` writes its metrics under ``out-dir/process-i``);
 * periodic held-out evaluation on fixed batches (mean loss and perplexity);
 * ``metrics.csv``, TensorBoard scalars, ``loss.png`` and ``summary.json`` in
   ``--out-dir``;
@@ -499,6 +505,15 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("parallelism")
   g.add_argument("--mesh", default=None,
                  help="e.g. 'data=2,fsdp=4' or 'fsdp=8' (default: 1 device)")
+  g.add_argument("--distributed", action="store_true",
+                 help="multi-host: jax.distributed.initialize() with the "
+                 "cluster's auto-detected settings (SLURM, Cloud TPU, ...)")
+  g.add_argument("--coordinator", default=None,
+                 help="multi-host: address host:port of process 0")
+  g.add_argument("--num-processes", type=int, default=None,
+                 help="multi-host: number of processes (with --coordinator)")
+  g.add_argument("--process-id", type=int, default=None,
+                 help="multi-host: this process's index (with --coordinator)")
   g = p.add_argument_group("output")
   g.add_argument("--out-dir", default=None,
                  help="default runs/<optimizer>-<model>")
@@ -565,8 +580,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """
   t_main = time.perf_counter()
   args = parse_args(argv)
+  if args.coordinator or args.distributed:
+    # Multi-host: one process per host, all running this same command. The
+    # mesh then spans every process's devices; each process feeds the parts
+    # of the (identical, seeded) global batch its devices hold.
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes,
+                               process_id=args.process_id)
   out_dir = Path(args.out_dir)
+  # Checkpoints are written jointly by all processes into one directory
+  # (a shared filesystem across hosts); metrics and plots are per process.
   ckpt_dir = (out_dir / "checkpoints").absolute()
+  if jax.process_index() > 0:
+    out_dir = out_dir / f"process-{jax.process_index()}"
+    args.progress = False
   out_dir.mkdir(parents=True, exist_ok=True)
 
   import orbax.checkpoint as ocp  # noqa: PLC0415  (slow import, only here)
@@ -679,7 +706,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       out_shardings=(replicated, replicated), **jit_kw)
 
   def put(batch):
-    return jax.device_put(batch, batch_sharding)
+    # Every process holds the whole global batch (a pure function of seed
+    # and step) and provides the slices of its own devices.
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(
+            x.shape, batch_sharding, lambda index: x[index]), batch)
 
   def evaluate(params) -> tuple[float, float]:
     total = count = 0.0
@@ -691,7 +722,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return loss, math.exp(min(loss, 700.0))
 
   # -- state: fresh or restored ---------------------------------------------
-  rng_key = jax.random.key_data(jax.random.key(args.seed))
+  # Replicated over the mesh (not on one device), so that every process
+  # of a multi-host job holds it and Orbax can save it.
+  rng_key = jax.device_put(jax.random.key_data(jax.random.key(args.seed)),
+                           replicated)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=args.keep_checkpoints, create=True,
       # Synchronous: the next train step donates (deletes) these buffers.

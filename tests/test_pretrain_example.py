@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +202,42 @@ def test_eight_sharded_devices_match_one_device(shared, tmp_path):
   for step in eval1:
     np.testing.assert_allclose(float(eval8[step]), float(eval1[step]),
                                rtol=1e-5, err_msg=f"eval step {step}")
+
+
+def _free_port():
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def test_two_processes_match_one_device(shared, tmp_path):
+  # A multi-host job on one machine: 2 processes x 2 simulated devices
+  # joined by jax.distributed (--coordinator), mesh data=2 x fsdp=2 across
+  # the processes, a final checkpoint written jointly; against one device.
+  common = {"--steps": 3, "--batch-size": 8, "--eval-every": 0}
+  one, multi = tmp_path / "one", tmp_path / "multi"
+  coordinator = f"localhost:{_free_port()}"
+  two_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs = [_start_subprocess(small_args(shared, one, **common), {})] + [
+      _start_subprocess(
+          small_args(shared, multi, **common, **{
+              "--mesh": "data=2,fsdp=2", "--coordinator": coordinator,
+              "--num-processes": 2, "--process-id": i}), two_devices)
+      for i in range(2)
+  ]
+  for proc in procs:
+    _wait(proc)
+  s0 = json.loads((multi / "summary.json").read_text())
+  assert s0["mesh"] == {"data": 2, "fsdp": 2}
+  assert s0["sharded_param_leaves"] > 0
+  assert (multi / "checkpoints" / "3").is_dir()
+  _, train1, _ = read_metrics(one)
+  for out in (multi, multi / "process-1"):
+    _, train, _ = read_metrics(out)
+    assert sorted(train) == [1, 2, 3]
+    for step in train1:
+      np.testing.assert_allclose(float(train[step]), float(train1[step]),
+                                 rtol=1e-5, err_msg=f"{out} step {step}")
 
 
 @pytest.mark.parametrize("optimizer", pretrain_llama.OPTIMIZERS)
