@@ -19,4 +19,4 @@ def test_sharded_equals_single_device():
   out = subprocess.run([sys.executable, str(script)], env=env,
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout + out.stderr
-  assert out.stdout.count("ok ") == 6, out.stdout
+  assert out.stdout.count("ok ") == 10, out.stdout
