@@ -3,7 +3,8 @@
 Runs ``tests/_sharded_check.py`` in a subprocess, because the device count
 must be set before JAX initialises: FSDP-style row and column sharding, tall,
 wide and stacked leaves, ``Auto`` and ``Explicit`` mesh axis types, exact and
-randomized projectors, 8-bit states and int8 projectors.
+randomized projectors, the project and reset moment policies, 8-bit states
+and int8 projectors.
 """
 
 import os
