@@ -204,6 +204,13 @@ def galore_project(
                projection.PROJECTOR_METHODS)
   check_choice("projector_dtype", projector_dtype, PROJECTOR_DTYPES)
   check_choice("moments", moments, MOMENT_POLICIES)
+  if matrix_axes is not None and not (
+      isinstance(matrix_axes, Mapping) and
+      all(isinstance(k, str) and isinstance(v, (tuple, list)) and len(v) == 2
+          for k, v in matrix_axes.items())):
+    raise ValueError(
+        "matrix_axes must be None or a dict {name: (row_axes, col_axes)}, got "
+        f"{matrix_axes!r}.")
   if moments == "reset" and stagger_refresh:
     raise ValueError(
         "moments='reset' re-initialises the inner state, whose step count "

@@ -178,6 +178,8 @@ def test_staggered_refresh_spreads_leaves():
     ({"projector_dtype": "int4"}, "projector_dtype"),
     ({"scale": float("nan")}, "scale"),
     ({"moments": "rotate"}, "moments"),
+    ({"matrix_axes": 3}, "matrix_axes"),
+    ({"matrix_axes": {"q": [0]}}, "matrix_axes"),
     ({"moments": "reset", "stagger_refresh": True}, "stagger_refresh"),
 ])
 def test_bad_arguments_raise_at_construction(kwargs, match):
