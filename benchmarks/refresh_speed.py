@@ -47,20 +47,26 @@ def layer_gradients(args) -> tuple[list[str], list[jax.Array], list[jax.Array]]:
           if any(n.startswith(w) for w in wanted) and leaves[i][1].ndim == 2]
   flat = [x for _, x in leaves]
 
-  def loss(selected, batch):
+  rest_ids = [i for i in range(len(flat)) if i not in pick]
+
+  def loss(selected, rest, batch):
     full = list(flat)
     for i, x in zip(pick, selected):
       full[i] = x
+    for i, x in zip(rest_ids, rest):
+      full[i] = x
     return llama.loss_fn(nnx.merge(graphdef, treedef.unflatten(full)), batch)
 
-  # Only the chosen matrices' gradients are formed (the rest is constant).
+  # Only the chosen matrices' gradients are formed; the other parameters are
+  # arguments (not captured constants, which XLA would copy).
   grad = jax.jit(jax.grad(loss))
+  rest = [flat[i] for i in rest_ids]
   corpus = data.load_corpus(max_train_bytes=2_000_000)
   batches = corpus.train_batches(seq_len=args.seq, batch_size=1, seed=0)
   out = []
   for b in (args.previous_batch, args.batch):
     batch = jax.tree.map(jnp.asarray, batches.batch(b))
-    out.append(grad([flat[i] for i in pick], batch))
+    out.append(grad([flat[i] for i in pick], rest, batch))
   return [names[i] for i in pick], out[0], out[1]
 
 
