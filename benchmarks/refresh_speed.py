@@ -4,7 +4,8 @@ The matrices of LLaMA-1B (examples/llama.py preset ``1b``: per layer four
 2048 x 2048 attention projections and three 2048 x 5461 / 5461 x 2048 MLP
 matrices), rank 512, ``proj_type="std"``. The gradients are real: the LM loss
 of the 1B model (at initialisation, float32) on the Python standard
-library's sources (ByT5 bytes), for the decoder layers given by ``--layers``.
+library's sources (ByT5 bytes; 8 x 256 tokens, so a gradient's rank can reach
+2048 > r), for the decoder layers given by ``--layers``.
 The previous projector that warm-starts the randomized method is the exact
 projector of the gradient of another batch (``--previous-batch``), as in a
 refresh during training; the cold start (from the initial projector) is
@@ -62,7 +63,8 @@ def layer_gradients(args) -> tuple[list[str], list[jax.Array], list[jax.Array]]:
   grad = jax.jit(jax.grad(loss))
   rest = [flat[i] for i in rest_ids]
   corpus = data.load_corpus(max_train_bytes=2_000_000)
-  batches = corpus.train_batches(seq_len=args.seq, batch_size=1, seed=0)
+  batches = corpus.train_batches(seq_len=args.seq, batch_size=args.batch_size,
+                                 seed=0)
   out = []
   for b in (args.previous_batch, args.batch):
     batch = jax.tree.map(jnp.asarray, batches.batch(b))
@@ -86,7 +88,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--rank", type=int, default=512)
   parser.add_argument("--layers", type=int, nargs="+", default=[0, 12, 23])
   parser.add_argument("--seq", type=int, default=256)
-  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--batch", type=int, default=1,
+                      help="index of the batch whose gradient is refreshed")
+  parser.add_argument("--batch-size", type=int, default=8,
+                      help="sequences per batch: the gradient's rank is at "
+                      "most batch_size * seq, which must exceed the rank "
+                      "for the energy comparison to mean anything")
   parser.add_argument("--previous-batch", type=int, default=0)
   args = parser.parse_args(argv)
 
@@ -126,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
   print(f"\nmachine: {platform.machine()}, {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}; "
         f"LLaMA-{args.model} layers {args.layers}, rank {args.rank}, "
-        f"gradients of batch {args.batch} (1 x {args.seq}), warm start from "
+        f"gradients of batch {args.batch} ({args.batch_size} x {args.seq}), "
+        f"warm start from "
         f"batch {args.previous_batch}")
   print("| shape | matrices | exact SVD (s) | randomized (s) | speed-up | "
         "energy / exact: warm mean | warm min | cold min |")
