@@ -347,7 +347,8 @@ def galore_project(
     projected_set = set(projected)
     offsets = _refresh_offsets(len(projected), gap, stagger_refresh)
 
-    lowrank_zeros = treedef.unflatten([
+    # Only "project" (to find the moments) and "reset" (to re-init) use it.
+    lowrank_zeros = None if moments == "keep" else treedef.unflatten([
         jnp.zeros(plan(g).lowrank_shape, g.dtype) if i in projected_set
         else g for i, g in enumerate(grads)])
     # Only "project" changes the inner state at a refresh: only then is it
