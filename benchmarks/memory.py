@@ -136,13 +136,19 @@ def peak_buffers(dump_dir: str, top: int) -> list[tuple[str, int]]:
   files = glob.glob(os.path.join(dump_dir, "*after_optimizations-live-range.txt"))
   if not files:
     return []
-  text = open(max(files, key=os.path.getsize)).read()
+  live_range = max(files, key=os.path.getsize)
+  text = open(live_range).read()
   m = re.search(r"Live ranges at \d+ \(peak\):\n(.*?)\n  \S", text, re.S)
   if not m:
     return []
+  # The step's arguments are counted apart (args); list temporaries only.
+  hlo = open(live_range.replace("-live-range.txt", ".txt")).read()
+  entry = hlo[hlo.index("\nENTRY"):]
+  args = set(re.findall(r"%([\w.\-]+) = \S+ parameter\(", entry))
   rows = re.findall(r"^\s+([\w.\-]+)\{[\d,]*\}: (\d+) bytes", m.group(1),
                     re.M)
-  return sorted(((n, int(b)) for n, b in rows), key=lambda r: -r[1])[:top]
+  rows = [(n, int(b)) for n, b in rows if n not in args]
+  return sorted(rows, key=lambda r: -r[1])[:top]
 
 
 @dataclasses.dataclass

@@ -37,6 +37,8 @@ import numpy as np
 import transformers
 from flax import nnx
 
+from galore_optax import layerwise
+
 Dtype = Any
 # A transformers.PretrainedConfig, a preset name or a local path.
 ConfigLike = Any
@@ -592,7 +594,12 @@ class LlamaModel(nnx.Module):
       h = run(self.layers, h)
     else:
       for layer in self.layers:
-        h = apply(layer, h, cos, sin, mask)
+        # call_layer is the plain call outside a per-layer step; inside one
+        # it orders each weight's update after its last read (no copies).
+        layer_def, layer_params = nnx.split(layer)
+        h = layerwise.call_layer(
+            lambda x, p, d=layer_def: apply(nnx.merge(d, p), x, cos, sin,
+                                            mask), h, layer_params)
     return self.norm(h)
 
 

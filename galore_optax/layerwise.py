@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Union
@@ -116,6 +117,7 @@ __all__ = (
     "LayerwiseState",
     "LayerwiseStep",
     "LeafState",
+    "call_layer",
     "clip_by_leaf_norm",
     "make_layerwise_step",
     "pack_state",
@@ -334,6 +336,58 @@ def scan_layers(f: Callable[[Any, Any], Any], carry: Any, layers: Any) -> Any:
     out, _ = jax.lax.scan(lambda c, p: (f(c, p), None), carry, layers)
     return out
   return ctx.scan(f, carry, leaves, ldef)
+
+
+def call_layer(f: Callable[[Any, Any], Any], carry: Any, params: Any) -> Any:
+  """Applies one (unrolled) layer, ``f(carry, params)``.
+
+  Outside a layer-wise step this is ``f(carry, params)``. Inside a step
+  from ``make_layerwise_step`` the layer is recomputed in the backward pass
+  (activation checkpointing) and its parameters' gradients are made to
+  depend on the gradient of ``carry``. Reason: a weight ``W`` is read by
+  the input-gradient product (``dx = dy W^T``) and overwritten in place by
+  its update, which otherwise depends only on ``dW``; with nothing ordering
+  the two, XLA keeps a copy of every donated weight for the whole step. The
+  dependency (adding ``0 * nan_to_num(sum(dx))``, exact for finite and
+  non-finite ``dx``) orders the update after the read and removes the copy.
+
+  Args:
+    f: ``(carry, params) -> carry``.
+    carry: the layer input (e.g. hidden states).
+    params: the layer's parameters (a tree of the step's parameter leaves,
+      e.g. ``nnx.split(layer)[1]``); ``f`` may close over other arrays.
+
+  Returns:
+    ``f(carry, params)``.
+  """
+  if _current() is None:
+    return f(carry, params)
+  f_conv, consts = jax.closure_convert(f, carry, params)
+  return _ordered_layer(f_conv, carry, params, *consts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ordered_layer(f, carry, params, *consts):
+  return f(carry, params, *consts)
+
+
+def _ordered_layer_fwd(f, carry, params, *consts):
+  return f(carry, params, *consts), (carry, params, consts)
+
+
+def _ordered_layer_bwd(f, res, ct):
+  carry, params, consts = res
+  _, vjp = jax.vjp(f, carry, params, *consts)
+  ct_carry, ct_params, *ct_consts = vjp(ct)
+  tie = sum((jnp.nan_to_num(jnp.sum(x, dtype=jnp.float32))
+             for x in jax.tree.leaves(ct_carry) if _is_float(x)),
+            jnp.zeros((), jnp.float32)) * 0
+  ct_params = jax.tree.map(
+      lambda g: g + tie.astype(g.dtype) if _is_float(g) else g, ct_params)
+  return (ct_carry, ct_params, *ct_consts)
+
+
+_ordered_layer.defvjp(_ordered_layer_fwd, _ordered_layer_bwd)
 
 
 def _float0_like(x: Any) -> np.ndarray:
