@@ -583,7 +583,12 @@ class LlamaModel(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
     mask = self._mask(t, attention_mask)
-    h = self.embed_tokens(input_ids)
+    # The same lookup as nnx.Embed; inside a per-layer step its gradient
+    # buffer is only created when needed.
+    table = self.embed_tokens.embedding[...]
+    if self.embed_tokens.dtype is not None:
+      table = table.astype(self.embed_tokens.dtype)
+    h = layerwise.embedding_lookup(table, input_ids)
     apply = _apply_layer_remat if self.remat else _apply_layer
     if self.scan_layers:
 
@@ -662,7 +667,9 @@ class LlamaForCausalLM(nnx.Module):
         input_ids, positions=positions, attention_mask=attention_mask)
     if self.tie_word_embeddings:
       return self.model.embed_tokens.attend(h)
-    return self.lm_head(h)
+    head_def, head_params = nnx.split(self.lm_head)
+    return layerwise.call_layer(
+        lambda x, p: nnx.merge(head_def, p)(x), h, head_params)
 
 
 # ---------------------------------------------------------------------------

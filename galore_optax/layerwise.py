@@ -32,7 +32,11 @@ ordinary optax states back.
 What the step supports:
 
 * ordinary (unrolled) models: each leaf is updated as soon as its gradient is
-  complete (a leaf used several times is updated once, with the sum);
+  complete (a leaf used several times is updated once, with the sum). Run
+  each layer through ``call_layer(f, carry, layer_params)`` (the plain call
+  outside a layer-wise step) so that a weight's in-place update is ordered
+  after the layer's input gradient, which reads the same weight; without it
+  XLA keeps a copy of every donated weight for the whole step;
 * scanned layer stacks as written (``nnx.scan``/``lax.scan`` over stacked
   weights): correct, the stacked leaf is hooked as a whole, so its gradient is
   the full stacked gradient before its update (no per-layer memory saving for
@@ -119,6 +123,7 @@ __all__ = (
     "LeafState",
     "call_layer",
     "clip_by_leaf_norm",
+    "embedding_lookup",
     "make_layerwise_step",
     "pack_state",
     "scan_layers",
@@ -375,19 +380,79 @@ def _ordered_layer_fwd(f, carry, params, *consts):
   return f(carry, params, *consts), (carry, params, consts)
 
 
+def _zero_tie(tree: Any) -> jax.Array:
+  """A float32 zero that data-depends on every floating leaf of ``tree``.
+
+  ``0 * nan_to_num(sum)`` is exactly zero for any values (non-finite ones
+  included), and XLA cannot fold it away, so adding it to an array orders
+  that array's consumers after ``tree`` is computed.
+  """
+  total = jnp.zeros((), jnp.float32)
+  for x in jax.tree.leaves(tree):
+    if _is_float(x):
+      total = total + jnp.nan_to_num(jnp.sum(x, dtype=jnp.float32))
+  return total * 0
+
+
+def _add_tie(tree: Any, tie: jax.Array) -> Any:
+  return jax.tree.map(
+      lambda x: x + tie.astype(x.dtype) if _is_float(x) else x, tree)
+
+
 def _ordered_layer_bwd(f, res, ct):
   carry, params, consts = res
+  # The recomputation starts from an input tied to the output cotangent: XLA
+  # would otherwise schedule every layer's recomputation early (as soon as
+  # its saved input exists) and keep all of them live at once.
+  carry = _add_tie(carry, _zero_tie(ct))
   _, vjp = jax.vjp(f, carry, params, *consts)
   ct_carry, ct_params, *ct_consts = vjp(ct)
-  tie = sum((jnp.nan_to_num(jnp.sum(x, dtype=jnp.float32))
-             for x in jax.tree.leaves(ct_carry) if _is_float(x)),
-            jnp.zeros((), jnp.float32)) * 0
-  ct_params = jax.tree.map(
-      lambda g: g + tie.astype(g.dtype) if _is_float(g) else g, ct_params)
+  ct_params = _add_tie(ct_params, _zero_tie(ct_carry))
   return (ct_carry, ct_params, *ct_consts)
 
 
 _ordered_layer.defvjp(_ordered_layer_fwd, _ordered_layer_bwd)
+
+
+def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """Rows ``table[ids]`` (``jnp.take(table, ids, axis=0)``).
+
+  Outside a layer-wise step this is ``jnp.take``. Inside one, the gradient
+  (a scatter-add into a zero table) creates its zero table only when the
+  output's gradient exists: the zero table of ``jnp.take``'s gradient is a
+  constant, which XLA may allocate at the start of the step and keep live
+  through the whole backward pass (a full table of extra memory at peak).
+
+  Args:
+    table: ``(num_rows, ...)`` embedding table (a parameter leaf).
+    ids: integer indices of any shape.
+
+  Returns:
+    ``table[ids]``, of shape ``ids.shape + table.shape[1:]``.
+  """
+  if _current() is None:
+    return jnp.take(table, ids, axis=0)
+  return _late_take((tuple(table.shape), jnp.dtype(table.dtype)), table, ids)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _late_take(shape_dtype, table, ids):
+  del shape_dtype
+  return jnp.take(table, ids, axis=0)
+
+
+def _late_take_fwd(shape_dtype, table, ids):
+  del shape_dtype
+  return jnp.take(table, ids, axis=0), ids
+
+
+def _late_take_bwd(shape_dtype, ids, ct):
+  shape, dtype = shape_dtype
+  zeros = jnp.zeros(shape, dtype) + _zero_tie(ct).astype(dtype)
+  return zeros.at[ids].add(ct.astype(dtype)), _float0_like(ids)
+
+
+_late_take.defvjp(_late_take_fwd, _late_take_bwd)
 
 
 def _float0_like(x: Any) -> np.ndarray:

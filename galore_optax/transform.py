@@ -393,8 +393,11 @@ def galore_project(
         treedef.unflatten(lowrank), inner_state, None, **extra_args)
     inner_updates = treedef.flatten_up_to(inner_updates)
     full = [
-        _from_matrix((projection.project_back(u, factors[i], plan(g)) *
-                      scale).astype(g.dtype), views[i], shapes[i])
+        # Scaling the low-rank factor, not the full-size product, saves a
+        # full-size pass (and XLA:CPU a full-size constant buffer).
+        _from_matrix(projection.project_back(
+            u.astype(jnp.float32) * scale, factors[i], plan(g)).astype(
+                g.dtype), views[i], shapes[i])
         if i in projected_set else _from_matrix(u, views[i], shapes[i])
         for i, (g, u) in enumerate(zip(grads, inner_updates))
     ]
