@@ -122,7 +122,7 @@ def _ordered_key(bits):
 
 @functools.lru_cache(maxsize=16)
 def _bucket_table(code_bytes: bytes) -> tuple[np.ndarray, np.ndarray, int]:
-  """Lookup table that turns nearest-code search into 1 + k gathers."""
+  """Lookup tables that turn nearest-code search into 1 + k gathers."""
   code = np.frombuffer(code_bytes, np.float32)
   midpoints = (code[:-1] + code[1:]) / np.float32(2)
   bits = midpoints.view(np.int32).astype(np.int64)
@@ -133,7 +133,10 @@ def _bucket_table(code_bytes: bytes) -> tuple[np.ndarray, np.ndarray, int]:
   k = max(int(per_bucket.max()), 1)
   # Padding with +inf makes the k comparisons safe past the last midpoint.
   padded = np.concatenate([midpoints, np.full(k, np.inf, np.float32)])
-  return first.astype(np.int16), padded, k  # first <= 255
+  # following[t, b]: the t-th midpoint from bucket b's first one on. Indexed
+  # by the bucket like ``first``, so the lookups do not depend on each other.
+  following = np.stack([padded[first + t] for t in range(k)])
+  return first.astype(np.int16), following, k  # first <= 255
 
 
 def _concrete_code(code: Any) -> np.ndarray | None:
@@ -168,14 +171,12 @@ def _nearest_code(normed: jax.Array, code: jax.Array) -> jax.Array:
     code = jnp.asarray(code, jnp.float32)
     midpoints = (code[:-1] + code[1:]) / 2
     return jnp.searchsorted(midpoints, normed, side="left")
-  first, padded, k = _bucket_table(code_np.tobytes())
+  first, following, k = _bucket_table(code_np.tobytes())
   key = _ordered_key(jax.lax.bitcast_convert_type(normed, jnp.int32))
   bucket = jnp.clip(key >> _KEY_SHIFT, -_KEY_MAX, _KEY_MAX) + _KEY_MAX
-  lo = jnp.asarray(first)[bucket].astype(jnp.int32)
-  padded = jnp.asarray(padded)
-  idx = lo
+  idx = jnp.asarray(first)[bucket].astype(jnp.int32)
   for t in range(k):  # k == 1 for the dynamic maps
-    idx = idx + (padded[lo + t] < normed).astype(idx.dtype)
+    idx = idx + (jnp.asarray(following[t])[bucket] < normed).astype(idx.dtype)
   return idx
 
 
