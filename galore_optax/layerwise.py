@@ -819,13 +819,17 @@ def make_layerwise_step(
       return update_packed(layout, i, g, p, packed)
     shape = p.shape
     blocks = lambda x: x.reshape(nk, shape[0] // nk, *shape[1:])
-    gk = blocks(g)
+    rows = shape[0] // nk
     take = lambda x, c: jax.lax.dynamic_index_in_dim(x, c, 0, keepdims=False)
     put = lambda x, v, c: jax.lax.dynamic_update_index_in_dim(x, v, c, 0)
 
     def body(c, carry):
       pk, sk = carry
-      new_p, new_s = update_packed(layout, i, take(gk, c), take(pk, c),
+      # Row block c of the gradient sliced where it lies: reshaping the
+      # whole gradient into blocks may cost a full-size copy when XLA laid
+      # it out transposed (as it does for a matmul's weight gradient).
+      g_c = jax.lax.dynamic_slice_in_dim(g, c * rows, rows, axis=0)
+      new_p, new_s = update_packed(layout, i, g_c, take(pk, c),
                                    jax.tree.map(lambda x: take(x, c), sk))
       return put(pk, new_p, c), jax.tree.map(lambda x, v: put(x, v, c), sk,
                                              new_s)

@@ -392,11 +392,15 @@ def galore_project(
     inner_updates, inner_state = inner.update(
         treedef.unflatten(lowrank), inner_state, None, **extra_args)
     inner_updates = treedef.flatten_up_to(inner_updates)
+    # A literal scale would become a full-size constant array wherever XLA
+    # cannot fuse the product into the back-projection (XLA:CPU); as an
+    # opaque scalar it is broadcast inside the fusion.
+    alpha = jax.lax.optimization_barrier(jnp.asarray(scale, jnp.float32))
     full = [
         # Scaling the low-rank factor, not the full-size product, saves a
         # full-size pass (and XLA:CPU a full-size constant buffer).
         _from_matrix(projection.project_back(
-            u.astype(jnp.float32) * scale, factors[i], plan(g)).astype(
+            u.astype(jnp.float32) * alpha, factors[i], plan(g)).astype(
                 g.dtype), views[i], shapes[i])
         if i in projected_set else _from_matrix(u, views[i], shapes[i])
         for i, (g, u) in enumerate(zip(grads, inner_updates))
