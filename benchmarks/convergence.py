@@ -106,15 +106,17 @@ def plot(names: list[str], out_dir: Path, path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name in names:
+  fig, ax = plt.subplots(figsize=(10, 5))
+  colors = plt.get_cmap("tab20").colors
+  for k, name in enumerate(names):
     steps, losses = eval_curve(out_dir / name)
-    ax.plot(steps, losses, label=name, marker=".")
+    ax.plot(steps, losses, label=name, marker=".", color=colors[k % 20],
+            linestyle="--" if name.startswith("adamw") else "-")
   ax.set_xlabel("optimizer step")
   ax.set_ylabel("held-out loss (nats per byte)")
   ax.set_yscale("log")
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
   ax.set_title("Convergence at equal token budget")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
