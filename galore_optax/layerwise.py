@@ -36,7 +36,9 @@ What the step supports:
   each layer through ``call_layer(f, carry, layer_params)`` (the plain call
   outside a layer-wise step) so that a weight's in-place update is ordered
   after the layer's input gradient, which reads the same weight; without it
-  XLA keeps a copy of every donated weight for the whole step;
+  XLA keeps a copy of every donated weight for the whole step. Likewise
+  ``embedding_lookup(table, ids)`` for embeddings, whose gradient table is
+  then created only when the gradient arrives;
 * scanned layer stacks as written (``nnx.scan``/``lax.scan`` over stacked
   weights): correct, the stacked leaf is hooked as a whole, so its gradient is
   the full stacked gradient before its update (no per-layer memory saving for
