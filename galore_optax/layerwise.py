@@ -827,9 +827,9 @@ def make_layerwise_step(
 
     def body(c, carry):
       pk, sk = carry
-      # Row block c of the gradient sliced where it lies: reshaping the
-      # whole gradient into blocks may cost a full-size copy when XLA laid
-      # it out transposed (as it does for a matmul's weight gradient).
+      # Row block c sliced from the gradient (no reshape of the whole
+      # gradient into blocks first): a lower peak on the 60M per-layer step.
+      # XLA:CPU still copies a weight gradient it laid out transposed once.
       g_c = jax.lax.dynamic_slice_in_dim(g, c * rows, rows, axis=0)
       new_p, new_s = update_packed(layout, i, g_c, take(pk, c),
                                    jax.tree.map(lambda x: take(x, c), sk))
