@@ -36,7 +36,7 @@ What the step supports:
   each layer through ``call_layer(f, carry, layer_params)`` (the plain call
   outside a layer-wise step) so that a weight's in-place update is ordered
   after the layer's input gradient, which reads the same weight; without it
-  XLA keeps a copy of every donated weight for the whole step. Likewise
+  XLA (checked on CPU) keeps a copy of every donated weight for the whole step. Likewise
   ``embedding_lookup(table, ids)`` for embeddings, whose gradient table is
   then created only when the gradient arrives;
 * scanned layer stacks as written (``nnx.scan``/``lax.scan`` over stacked
@@ -354,7 +354,7 @@ def call_layer(f: Callable[[Any, Any], Any], carry: Any, params: Any) -> Any:
   depend on the gradient of ``carry``. Reason: a weight ``W`` is read by
   the input-gradient product (``dx = dy W^T``) and overwritten in place by
   its update, which otherwise depends only on ``dW``; with nothing ordering
-  the two, XLA keeps a copy of every donated weight for the whole step. The
+  the two, XLA:CPU keeps a copy of every donated weight for the whole step. The
   dependency (adding ``0 * nan_to_num(sum(dx))``, exact for finite and
   non-finite ``dx``) orders the update after the read and removes the copy.
 
