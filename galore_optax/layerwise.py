@@ -36,9 +36,9 @@ What the step supports:
   each layer through ``call_layer(f, carry, layer_params)`` (the plain call
   outside a layer-wise step) so that a weight's in-place update is ordered
   after the layer's input gradient, which reads the same weight; without it
-  XLA (checked on CPU) keeps a copy of every donated weight for the whole step. Likewise
-  ``embedding_lookup(table, ids)`` for embeddings, whose gradient table is
-  then created only when the gradient arrives;
+  XLA (checked on CPU) keeps a copy of every donated weight for the whole
+  step. Likewise ``embedding_lookup(table, ids)`` for embeddings, whose
+  gradient table is then created only when the gradient arrives;
 * scanned layer stacks as written (``nnx.scan``/``lax.scan`` over stacked
   weights): correct, the stacked leaf is hooked as a whole, so its gradient is
   the full stacked gradient before its update (no per-layer memory saving for
@@ -354,8 +354,8 @@ def call_layer(f: Callable[[Any, Any], Any], carry: Any, params: Any) -> Any:
   depend on the gradient of ``carry``. Reason: a weight ``W`` is read by
   the input-gradient product (``dx = dy W^T``) and overwritten in place by
   its update, which otherwise depends only on ``dW``; with nothing ordering
-  the two, XLA:CPU keeps a copy of every donated weight for the whole step. The
-  dependency (adding ``0 * nan_to_num(sum(dx))``, exact for finite and
+  the two, XLA:CPU keeps a copy of every donated weight for the whole step.
+  The dependency (adding ``0 * nan_to_num(sum(dx))``, exact for finite and
   non-finite ``dx``) orders the update after the read and removes the copy.
 
   Args:
