@@ -114,11 +114,43 @@ def _from_matrix(x: jax.Array, view: _MatrixView | None,
   return permuted.transpose(inverse)
 
 
-def _refresh_offsets(num_projected: int, gap: int, stagger: bool) -> list[int]:
-  """Per projected leaf, the phase of its refresh within the gap window."""
-  if not stagger or num_projected == 0:
-    return [0] * num_projected
-  return [(i * gap) // num_projected for i in range(num_projected)]
+# Leaves of equal shape are refreshed together by one loop over their stack,
+# whose body is compiled once instead of once per leaf (the randomized
+# method's per-leaf power iterations dominated compile time). The bound keeps
+# the stacked gradient copy small; larger batches also measured slower to
+# compile on XLA:CPU (its stacking kernels grow with the batch).
+_REFRESH_BATCH_BYTES = 64 * 2**20
+
+
+def _refresh_batches(keys: list[Any], sizes: list[int]) -> list[list[int]]:
+  """Splits positions ``0..len(keys)-1`` into batches refreshed together.
+
+  Args:
+    keys: per projected leaf, what must be equal to batch it with another
+      (shape, dtype, sharding).
+    sizes: per projected leaf, its number of values.
+
+  Returns:
+    Lists of positions, each of equal keys and at most
+    ``_REFRESH_BATCH_BYTES`` of float32 (or a single leaf), ordered by their
+    first position.
+  """
+  open_batches: dict[Any, list[int]] = {}
+  batches = []
+  for i, (key, size) in enumerate(zip(keys, sizes)):
+    batch = open_batches.get(key)
+    if batch is None or 4 * size * (len(batch) + 1) > _REFRESH_BATCH_BYTES:
+      batch = open_batches[key] = []
+      batches.append(batch)
+    batch.append(i)
+  return batches
+
+
+def _refresh_offsets(num_batches: int, gap: int, stagger: bool) -> list[int]:
+  """Per refresh batch, the phase of its refresh within the gap window."""
+  if not stagger:
+    return [0] * num_batches
+  return [(i * gap) // num_batches for i in range(num_batches)]
 
 
 def galore_project(
@@ -166,9 +198,12 @@ def galore_project(
       ``"bfloat16"`` or ``"int8"`` (block-wise 8-bit codes with one float32
       scale per 256 values, in the spirit of Q-GaLore's INT4 projectors).
       They are dequantised on the fly; products are computed in float32.
-    stagger_refresh: spread the refreshes of different leaves over the
-      window so that no single step recomputes every projector (all leaves
-      still refresh at update 0).
+    stagger_refresh: spread the refreshes over the window so that no single
+      step recomputes every projector (all leaves still refresh at update
+      0). Leaves of equal shape, dtype and sharding are refreshed together
+      in batches of up to 64 MiB of float32 gradient (one loop per batch,
+      which compiles faster than code per leaf); staggering spreads these
+      batches, so the leaves of one batch refresh in the same step.
     moments: what happens to ``inner``'s moments when a leaf's projector
       is refreshed. ``"keep"`` (the reference): they stay as they are,
       although their coordinates now refer to the new basis. ``"project"``:
@@ -323,20 +358,33 @@ def galore_project(
 
     return jax.tree_util.tree_map_with_path(carry, inner_state, ids)
 
+  def refresh_leaf(g: jax.Array, old: projection.Projector,
+                   leaf_id: jax.Array | int,
+                   count: jax.Array) -> projection.Projector:
+    p = plan(g)
+    old32 = load(old)
+    key = jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(seed), leaf_id), count)
+    return store(projection.refresh_projector(
+        g, p, old32, method=projector_method, key=key))
+
   def refresh(grads: list[jax.Array], projectors: list[projection.Projector],
               leaf_ids: list[int], count: jax.Array) -> list[Any]:
-    out = []
-    for g, old, leaf_id in zip(grads, projectors, leaf_ids):
-      p = plan(g)
-      old32 = load(old)
-      key = jax.random.fold_in(
-          jax.random.fold_in(jax.random.key(seed), leaf_id), count)
-      new = projection.compute_projector(
-          g, p, method=projector_method, previous=old32, key=key)
-      grad_ok = jnp.all(jnp.isfinite(g), axis=(-2, -1))
-      ok = grad_ok & projection.is_finite_projector(new, p)
-      out.append(store(projection.select_projector(ok, new, old32)))
-    return out
+    """New projectors of one batch of equal-shape leaves (see
+    ``_refresh_batches``), by one loop over the batch."""
+    if len(grads) == 1:
+      return [refresh_leaf(grads[0], projectors[0], leaf_ids[0], count)]
+    stack = lambda *xs: jnp.stack(xs)
+    # A loop, not vmap: the body compiles once, and each decomposition stays
+    # unbatched (jaxlib's batched CPU LAPACK kernels wait on the intra-op
+    # thread pool they run in, which deadlocks when several devices of one
+    # process decompose at once).
+    stacked = jax.lax.map(
+        lambda xs: refresh_leaf(*xs, count),
+        (jnp.stack(grads), jax.tree.map(stack, *projectors),
+         jnp.asarray(leaf_ids, jnp.uint32)))
+    return [jax.tree.map(lambda x, j=j: x[j], stacked)
+            for j in range(len(grads))]
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
@@ -345,7 +393,10 @@ def galore_project(
     projected = [i for i, g in enumerate(grads) if _is_projected(g)]
     projectors = {i: state.projectors[names[i]] for i in projected}
     projected_set = set(projected)
-    offsets = _refresh_offsets(len(projected), gap, stagger_refresh)
+    batches = [[projected[j] for j in batch] for batch in _refresh_batches(
+        [(plan(grads[i]), grads[i].dtype, jax.typeof(grads[i]).sharding.spec)
+         for i in projected], [grads[i].size for i in projected])]
+    offsets = _refresh_offsets(len(batches), gap, stagger_refresh)
 
     # Only "project" (to find the moments) and "reset" (to re-init) use it.
     lowrank_zeros = None if moments == "keep" else treedef.unflatten([
@@ -355,9 +406,13 @@ def galore_project(
     # an operand of the refresh's cond.
     inner_state = state.inner_state if moments == "project" else None
 
-    def refresh_group(operand, group):
+    def refresh_group(operand, group_batches):
       ps, inner_state = operand
-      new_ps = refresh([grads[i] for i in group], ps, group, state.count)
+      group = [i for batch in group_batches for i in batch]
+      old_ps = dict(zip(group, ps))
+      new_ps = [p for batch in group_batches for p in refresh(
+          [grads[i] for i in batch], [old_ps[i] for i in batch], batch,
+          state.count)]
       if moments == "project":
         inner_state = carry_moments(
             inner_state, lowrank_zeros, {i: plan(grads[i]) for i in group},
@@ -367,11 +422,12 @@ def galore_project(
 
     new_projectors = dict(projectors)
     for offset in sorted(set(offsets)):
-      group = [i for i, o in zip(projected, offsets) if o == offset]
+      group_batches = [b for b, o in zip(batches, offsets) if o == offset]
+      group = [i for batch in group_batches for i in batch]
       due = (state.count == 0) | ((state.count - offset) % gap == 0)
       refreshed, inner_state = jax.lax.cond(
           due,
-          lambda operand, group=group: refresh_group(operand, group),
+          lambda operand, g=group_batches: refresh_group(operand, g),
           lambda operand: operand,
           ([projectors[i] for i in group], inner_state),
       )

@@ -158,3 +158,43 @@ def test_projector_is_scale_invariant(method, scale):
   scaled = projection.compute_projector(g * scale, plan, **kwargs)
   plain = projection.compute_projector(g, plan, **kwargs)
   np.testing.assert_allclose(scaled.left, plain.left, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["svd", "randomized"])
+def test_refresh_keeps_previous_where_the_decomposition_fails(monkeypatch,
+                                                              method):
+  gs = jnp.stack([_matrix(i, 20, 12) for i in range(3)])
+  plan = projection.plan_leaf(gs.shape, 4, "full")
+  previous = projection.initial_projector(plan)
+  svd = jnp.linalg.svd
+
+  def failing_on_matrix_1(x, **kwargs):
+    # LAPACK and cuSOLVER report a failed SVD as NaN outputs (JAX's lowering).
+    u, s, vh = svd(x, **kwargs)
+    nan = jnp.zeros(x.shape[:-2], bool).at[1].set(True)
+    poison = lambda a, k: jnp.where(nan.reshape(nan.shape + (1,) * k),
+                                    jnp.nan, a)
+    return poison(u, 2), poison(s, 1), poison(vh, 2)
+
+  monkeypatch.setattr(jnp.linalg, "svd", failing_on_matrix_1)
+  new = projection.refresh_projector(gs, plan, previous, method=method,
+                                     key=jax.random.key(0))
+  for factor, before in zip(new, previous):
+    np.testing.assert_array_equal(factor[1], before[1])
+    for i in (0, 2):
+      assert bool(jnp.all(jnp.isfinite(factor[i])))
+      assert not np.array_equal(factor[i], before[i])
+
+
+def test_refresh_keeps_previous_where_the_gradient_is_not_finite():
+  gs = jnp.stack([_matrix(i, 20, 12) for i in range(3)])
+  gs = gs.at[0, 3, 4].set(jnp.inf).at[2, 0, 0].set(jnp.nan)
+  plan = projection.plan_leaf(gs.shape, 4, "left")
+  previous = projection.initial_projector(plan)
+  new = projection.refresh_projector(gs, plan, previous)
+  np.testing.assert_array_equal(new.left[0], previous.left[0])
+  np.testing.assert_array_equal(new.left[2], previous.left[2])
+  np.testing.assert_allclose(
+      new.left[1], projection.compute_projector(
+          gs[1], projection.plan_leaf(gs[1].shape, 4, "left")).left,
+      atol=1e-6)

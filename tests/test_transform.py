@@ -11,6 +11,7 @@ from galore_optax import GaLoreState
 from galore_optax import galore_project
 from galore_optax import projection
 from galore_optax import quantize_state_8bit
+from galore_optax import transform
 
 
 def _grads(step, params):
@@ -148,23 +149,67 @@ def test_non_finite_gradient_keeps_previous_projector():
              for x in jax.tree.leaves(state.projectors))
 
 
-def test_staggered_refresh_spreads_leaves():
-  params = {f"w{i}": jnp.zeros((8, 6)) for i in range(4)}
-  tx = galore_project(optax.scale_by_adam(), rank=2, update_proj_gap=4,
-                      stagger_refresh=True)
+def _refreshed_leaves(tx, params, steps):
+  """Per step after the first, the leaves whose projector changed."""
   state = tx.init(params)
   update = jax.jit(tx.update)
   prev = None
   refreshed = {}
-  for step in range(9):
+  for step in range(steps):
     _, state = update(_grads(step, params), state)
     cur = {k: np.asarray(v.right) for k, v in state.projectors.items()}
     if prev is not None:
       refreshed[step] = sorted(k for k in cur
                                if not np.array_equal(cur[k], prev[k]))
     prev = cur
-  assert refreshed == {1: ["w1"], 2: ["w2"], 3: ["w3"], 4: ["w0"], 5: ["w1"],
-                       6: ["w2"], 7: ["w3"], 8: ["w0"]}
+  return refreshed
+
+
+def test_staggered_refresh_spreads_leaves():
+  # Distinct shapes: each leaf is its own refresh batch.
+  params = {f"w{i}": jnp.zeros((8, 6 - i)) for i in range(4)}
+  tx = galore_project(optax.scale_by_adam(), rank=2, update_proj_gap=4,
+                      stagger_refresh=True)
+  assert _refreshed_leaves(tx, params, 9) == {
+      1: ["w1"], 2: ["w2"], 3: ["w3"], 4: ["w0"], 5: ["w1"], 6: ["w2"],
+      7: ["w3"], 8: ["w0"]}
+
+
+def test_staggered_refresh_spreads_batches_of_equal_shapes(monkeypatch):
+  # Two leaves' worth of float32 per batch: w0+w1 and w2+w3 refresh together.
+  monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", 2 * 4 * 8 * 6)
+  params = {f"w{i}": jnp.zeros((8, 6)) for i in range(4)}
+  tx = galore_project(optax.scale_by_adam(), rank=2, update_proj_gap=4,
+                      stagger_refresh=True)
+  assert _refreshed_leaves(tx, params, 7) == {
+      1: [], 2: ["w2", "w3"], 3: [], 4: ["w0", "w1"], 5: [],
+      6: ["w2", "w3"]}
+
+
+@pytest.mark.parametrize("method", ["svd", "randomized"])
+@pytest.mark.parametrize("projector_dtype", ["float32", "int8"])
+def test_batched_refresh_equals_refreshing_each_leaf(monkeypatch, method,
+                                                     projector_dtype):
+  params = {f"w{i}": jnp.zeros((3, 24, 16)) for i in range(3)}
+  params["bad"] = jnp.zeros((3, 24, 16))
+  grads = _grads(0, params)
+  grads["bad"] = grads["bad"].at[1, 2, 3].set(jnp.nan)  # keeps its own
+
+  def run(batch_bytes):
+    monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", batch_bytes)
+    tx = galore_project(optax.scale_by_adam(), rank=4, update_proj_gap=2,
+                        projector_method=method,
+                        projector_dtype=projector_dtype)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for step in range(3):
+      g = grads if step == 0 else _grads(step, params)
+      updates, state = update(g, state)
+    return updates, state
+
+  batched = run(2**30)
+  single = run(0)
+  chex.assert_trees_all_equal(batched, single)
 
 
 @pytest.mark.parametrize("kwargs,match", [
