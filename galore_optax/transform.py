@@ -122,13 +122,15 @@ def _from_matrix(x: jax.Array, view: _MatrixView | None,
 _REFRESH_BATCH_BYTES = 64 * 2**20
 
 
-def _refresh_batches(keys: list[Any], sizes: list[int]) -> list[list[int]]:
+def _refresh_batches(keys: list[Any], sizes: list[int],
+                     max_leaves: int | None = None) -> list[list[int]]:
   """Splits positions ``0..len(keys)-1`` into batches refreshed together.
 
   Args:
     keys: per projected leaf, what must be equal to batch it with another
       (shape, dtype, sharding).
     sizes: per projected leaf, its number of values.
+    max_leaves: at most this many leaves per batch (None: no limit).
 
   Returns:
     Lists of positions, each of equal keys and at most
@@ -139,7 +141,8 @@ def _refresh_batches(keys: list[Any], sizes: list[int]) -> list[list[int]]:
   batches = []
   for i, (key, size) in enumerate(zip(keys, sizes)):
     batch = open_batches.get(key)
-    if batch is None or 4 * size * (len(batch) + 1) > _REFRESH_BATCH_BYTES:
+    if (batch is None or 4 * size * (len(batch) + 1) > _REFRESH_BATCH_BYTES
+        or (max_leaves is not None and len(batch) >= max_leaves)):
       batch = open_batches[key] = []
       batches.append(batch)
     batch.append(i)
@@ -203,7 +206,9 @@ def galore_project(
       0). Leaves of equal shape, dtype and sharding are refreshed together
       in batches of up to 64 MiB of float32 gradient (one loop per batch,
       which compiles faster than code per leaf); staggering spreads these
-      batches, so the leaves of one batch refresh in the same step.
+      batches over the window and limits them to ``ceil(leaves / T)``
+      leaves, so with no more projected leaves than ``T`` every leaf
+      refreshes on its own step.
     moments: what happens to ``inner``'s moments when a leaf's projector
       is refreshed. ``"keep"`` (the reference): they stay as they are,
       although their coordinates now refer to the new basis. ``"project"``:
@@ -393,9 +398,12 @@ def galore_project(
     projected = [i for i, g in enumerate(grads) if _is_projected(g)]
     projectors = {i: state.projectors[names[i]] for i in projected}
     projected_set = set(projected)
+    # Staggering spreads batches over the window, as finely as it allows:
+    # one leaf per batch while there are no more leaves than steps.
+    max_leaves = -(-len(projected) // gap) if stagger_refresh else None
     batches = [[projected[j] for j in batch] for batch in _refresh_batches(
         [(plan(grads[i]), grads[i].dtype, jax.typeof(grads[i]).sharding.spec)
-         for i in projected], [grads[i].size for i in projected])]
+         for i in projected], [grads[i].size for i in projected], max_leaves)]
     offsets = _refresh_offsets(len(batches), gap, stagger_refresh)
 
     # Only "project" (to find the moments) and "reset" (to re-init) use it.

@@ -175,15 +175,31 @@ def test_staggered_refresh_spreads_leaves():
       7: ["w3"], 8: ["w0"]}
 
 
-def test_staggered_refresh_spreads_batches_of_equal_shapes(monkeypatch):
-  # Two leaves' worth of float32 per batch: w0+w1 and w2+w3 refresh together.
-  monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", 2 * 4 * 8 * 6)
+def test_staggered_refresh_spreads_single_leaves_while_the_window_allows():
+  # Equal shapes, 4 leaves, gap 4: one leaf per step, as with distinct shapes.
   params = {f"w{i}": jnp.zeros((8, 6)) for i in range(4)}
   tx = galore_project(optax.scale_by_adam(), rank=2, update_proj_gap=4,
                       stagger_refresh=True)
-  assert _refreshed_leaves(tx, params, 7) == {
-      1: [], 2: ["w2", "w3"], 3: [], 4: ["w0", "w1"], 5: [],
-      6: ["w2", "w3"]}
+  assert _refreshed_leaves(tx, params, 6) == {
+      1: ["w1"], 2: ["w2"], 3: ["w3"], 4: ["w0"], 5: ["w1"]}
+
+
+def test_staggered_refresh_spreads_batches_of_equal_shapes():
+  # 4 leaves, gap 2: batches of ceil(4 / 2) = 2 leaves, one per step.
+  params = {f"w{i}": jnp.zeros((8, 6)) for i in range(4)}
+  tx = galore_project(optax.scale_by_adam(), rank=2, update_proj_gap=2,
+                      stagger_refresh=True)
+  assert _refreshed_leaves(tx, params, 5) == {
+      1: ["w2", "w3"], 2: ["w0", "w1"], 3: ["w2", "w3"], 4: ["w0", "w1"]}
+
+
+def test_refresh_batches_respect_the_byte_bound(monkeypatch):
+  # Two leaves' worth of float32 per batch: w0+w1 and w2+w3 refresh together.
+  monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", 2 * 4 * 8 * 6)
+  keys = [("a",)] * 4 + [("b",)]
+  assert transform._refresh_batches(keys, [48] * 5) == [[0, 1], [2, 3], [4]]
+  assert transform._refresh_batches(keys, [48] * 5, max_leaves=1) == [
+      [0], [1], [2], [3], [4]]
 
 
 @pytest.mark.parametrize("method", ["svd", "randomized"])
