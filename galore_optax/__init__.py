@@ -10,6 +10,7 @@ from galore_optax import names
 from galore_optax import projection
 from galore_optax import quantization
 from galore_optax import targets
+from galore_optax import weight_quantization
 from galore_optax.adafactor import ScaleByFactoredRmsHfState
 from galore_optax.adafactor import clip_by_matrix_rms
 from galore_optax.adafactor import scale_by_adafactor
@@ -67,4 +68,5 @@ __all__ = (
     "galore_project",
     "path_to_name",
     "target_mask",
+    "weight_quantization",
 )

@@ -73,6 +73,43 @@ def main():
         # Only the order of float32 reductions differs between layouts.
         assert diff < 2e-6, (name, axis_type, k, diff)
       print("ok", name, axis_type)
+  check_int8_weights()
+
+
+def check_int8_weights():
+  """int8 weights: stochastic-rounding updates are the same bits sharded."""
+  wq = galore_optax.weight_quantization
+  # Groups of 16 along the last axis: column shards of "mlp" (8 per device)
+  # and "stack" (6) split groups or not, both must work.
+  q_specs = {k: (wq.QuantizedWeight(spec, P(*spec[:-1], None))
+                 if k != "norm" else spec) for k, spec in SPECS.items()}
+
+  def run_q(place):
+    q = wq.quantize_params(jax.tree.map(jnp.copy, PARAMS) | {
+        k: jax.random.normal(jax.random.key(1), PARAMS[k].shape) * 0.02
+        for k in ("attn", "mlp", "stack")}, ["attn", "mlp", "stack"],
+        group_size=16, min_size=256)
+    q = place(q, q_specs)
+    step = jax.jit(lambda q, g, t: wq.apply_updates(
+        q, jax.tree.map(lambda x: 1e-3 * x, g),
+        key=jax.random.fold_in(jax.random.key(7), t)), donate_argnums=0)
+    for t in range(3):
+      q = step(q, place(grads(t), SPECS), jnp.int32(t))
+    return q
+
+  single = run_q(lambda tree, specs: tree)
+  for axis_type in (AxisType.Auto, AxisType.Explicit):
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(axis_type,))
+    with jax.set_mesh(mesh):
+      def place(tree, specs):
+        return jax.tree.map(
+            lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)),
+            tree, specs, is_leaf=lambda x: isinstance(x, P))
+      sharded = run_q(place)
+    assert sharded["attn"].codes.sharding.spec == SPECS["attn"]
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    print("ok int8 weights", axis_type)
 
 
 if __name__ == "__main__":
