@@ -60,6 +60,17 @@ RUNS: dict[str, list[str]] = {
                                     "--lr", "5e-3"],
     "galore_adamw_reset_lr5e-3": ["--optimizer", "galore_adamw",
                                   "--moments", "reset", "--lr", "5e-3"],
+    # Weight storage (issue 8): bf16 weights against int8 attention/MLP
+    # matrices (group-wise scales, dequantised to bf16 for the model), with
+    # stochastic and with round-to-nearest updates.
+    "galore_adamw_8bit_bf16": ["--optimizer", "galore_adamw_8bit",
+                               "--param-dtype", "bfloat16"],
+    "galore_adamw_8bit_int8_weights": [
+        "--optimizer", "galore_adamw_8bit", "--param-dtype", "bfloat16",
+        "--weights", "int8", "--weight-rounding", "stochastic"],
+    "galore_adamw_8bit_int8_weights_nearest": [
+        "--optimizer", "galore_adamw_8bit", "--param-dtype", "bfloat16",
+        "--weights", "int8", "--weight-rounding", "nearest"],
 }
 BASELINES = ("adamw", "adamw_lr1e-3", "adamw_lr1e-2", "adamw_lr3e-4",
              "adamw_lr1e-4")

@@ -72,6 +72,7 @@ from jax.sharding import PartitionSpec as P
 
 import galore_optax
 from galore_optax import layerwise as galore_layerwise
+from galore_optax import weight_quantization
 from examples import data as data_lib
 from examples import llama
 
@@ -335,7 +336,9 @@ RESUME_KEYS = ("model", "optimizer", "rank", "update_proj_gap", "scale",
                "proj_type", "target_modules", "projector_method", "moments", "lr",
                "min_lr_ratio", "warmup_ratio", "weight_decay", "max_grad_norm",
                "grad_accum", "batch_size", "seq_len", "steps", "seed", "data",
-               "tokenizer", "max_train_bytes", "param_dtype", "scan_layers")
+               "tokenizer", "max_train_bytes", "param_dtype", "scan_layers",
+               "weights", "weight_rounding", "weight_group_size",
+               "weight_modules")
 
 
 def tree_bytes(tree: Any) -> int:
@@ -454,6 +457,17 @@ def build_parser() -> argparse.ArgumentParser:
                  help="parameter (and computation) dtype")
   g.add_argument("--remat", action="store_true",
                  help="recompute each decoder layer in the backward pass")
+  g.add_argument("--weights", default="float", choices=("float", "int8"),
+                 help="store the selected matrices as int8 codes with "
+                 "group-wise scales (Q-GaLore); dequantised per step")
+  g.add_argument("--weight-rounding", default="stochastic",
+                 choices=("stochastic", "nearest"),
+                 help="how updated int8 weights are rounded back")
+  g.add_argument("--weight-group-size", type=int, default=256,
+                 help="values of a matrix row per int8 scale")
+  g.add_argument("--weight-modules", default=None,
+                 help="which matrices --weights int8 stores in int8 (same "
+                 "syntax as --target-modules; default: the same selection)")
   g.add_argument("--scan-layers", action="store_true",
                  help="stack the decoder layers and scan over them")
   g = p.add_argument_group("optimizer")
@@ -549,6 +563,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   if args.out_dir is None:
     args.out_dir = os.path.join(
         "runs", f"{args.optimizer}-{_model_tag(args.model)}")
+  if args.weights == "int8" and is_layerwise(args.optimizer):
+    raise SystemExit("--weights int8 works with ordinary train steps; the "
+                     "per-layer (_layerwise) steps do not support int8 "
+                     "weights yet.")
   if args.data is not None and len(args.data) == 1:
     args.data = args.data[0]
   elif args.data == []:
@@ -632,6 +650,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "handles nnx.Param variables.")
   params_abstract = nnx.to_pure_dict(abstract_params)
   n_params = llama.param_count(params_abstract)
+  int8_weights = args.weights == "int8"
+  weight_modules = parse_target_modules(
+      args.weight_modules or args.target_modules)
+
+  def quantize(params):
+    if not int8_weights:
+      return params
+    return weight_quantization.quantize_params(
+        params, weight_modules, group_size=args.weight_group_size)
+
+  def dequantize(stored):
+    # Under jit each int8 matrix is dequantised where the model uses it.
+    return weight_quantization.dequantize_params(stored, dtype)
+
+  # What the train step holds: the parameters, int8 where selected.
+  stored_abstract = jax.eval_shape(quantize, params_abstract)
 
   # -- mesh and shardings --------------------------------------------------
   mesh = make_mesh(args.mesh)
@@ -641,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      f"data * fsdp = {n_batch_shards}.")
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(MESH_AXES, None))
-  param_sh = tree_shardings(mesh, params_abstract)
+  param_sh = tree_shardings(mesh, stored_abstract)
 
   jit_kw = {}
   if args.fast_compile and jax.default_backend() == "cpu":
@@ -672,35 +706,58 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   else:
     opt_init = tx.init
 
-    def core_step(params, opt_state, batch):
+    def core_step(stored, opt_state, batch, key=None):
+      params = dequantize(stored)
       loss, grads = jax.value_and_grad(loss_of)(params, batch)
       updates, opt_state = tx.update(grads, opt_state, params)
+      if int8_weights:
+        # int8 matrices: the update is added to the dequantised weight and
+        # rounded back, stochastically with a key derived from the step.
+        return weight_quantization.apply_updates(
+            stored, updates, key=key), opt_state, loss
       return optax.apply_updates(params, updates), opt_state, loss
 
   opt_abstract = jax.eval_shape(opt_init, params_abstract)
+  weights_msg = ""
+  if int8_weights:
+    n_int8 = sum(int(np.prod(x.codes.shape)) for x in jax.tree.leaves(
+        stored_abstract, is_leaf=weight_quantization.is_quantized)
+                 if weight_quantization.is_quantized(x))
+    weights_msg = (f"; int8 weights: {n_int8:,} values "
+                   f"({args.weight_rounding} rounding, groups of "
+                   f"{args.weight_group_size})")
   opt_sh = tree_shardings(mesh, opt_abstract)
   opt_bytes = tree_bytes(opt_abstract)
   print(f"model: {args.model} ({n_params:,} parameters, "
         f"{_fmt_bytes(tree_bytes(params_abstract))} {args.param_dtype}); "
         f"optimizer: {args.optimizer} (lr {args.lr:g}, state "
         f"{_fmt_bytes(opt_bytes)}); mesh {dict(mesh.shape)} on "
-        f"{mesh.devices.size} {jax.devices()[0].platform} device(s)")
+        f"{mesh.devices.size} {jax.devices()[0].platform} device(s)"
+        f"{weights_msg}")
 
   traces = {"train": 0, "eval": 0}
 
-  def train_step(params, opt_state, batch):
+  def train_step(params, opt_state, batch, rng, micro_step):
     traces["train"] += 1  # runs only while tracing
-    return core_step(params, opt_state, batch)
+    if not int8_weights:
+      return core_step(params, opt_state, batch)
+    key = None
+    if args.weight_rounding == "stochastic":
+      key = jax.random.fold_in(
+          jax.random.fold_in(jax.random.wrap_key_data(rng), micro_step),
+          0x57)  # a stream of its own, apart from other uses of the seed
+    return core_step(params, opt_state, batch, key)
 
   def eval_step(params, batch):
     traces["eval"] += 1
-    logits = nnx.merge(graphdef, params)(batch["input_ids"])
+    logits = nnx.merge(graphdef, dequantize(params))(batch["input_ids"])
     loss, count = llama.cross_entropy(logits, batch["labels"])
     return loss * count, count
 
   train_step = jax.jit(
       train_step, donate_argnums=(0, 1),
-      in_shardings=(param_sh, opt_sh, batch_sharding),
+      in_shardings=(param_sh, opt_sh, batch_sharding, replicated,
+                    replicated),
       out_shardings=(param_sh, opt_sh, replicated), **jit_kw)
   eval_step = jax.jit(eval_step, in_shardings=(param_sh, batch_sharding),
                       out_shardings=(replicated, replicated), **jit_kw)
@@ -743,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     abstract_state = {
         "params": jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            params_abstract, param_sh),
+            stored_abstract, param_sh),
         "opt_state": jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             opt_abstract, opt_sh),
@@ -769,11 +826,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"Resumed from {ckpt_dir / str(latest)} at step {start_step}.")
   else:
     init = jax.jit(
-        lambda: llama.get_params(llama.build_model(
-            config, rngs=args.seed, **model_kw)),
+        lambda: quantize(llama.get_params(llama.build_model(
+            config, rngs=args.seed, **model_kw))),
         out_shardings=param_sh, **jit_kw)
     params = init()
-    opt_state = jax.jit(opt_init, out_shardings=opt_sh, **jit_kw)(params)
+    opt_state = jax.jit(lambda p: opt_init(dequantize(p)),
+                        out_shardings=opt_sh, **jit_kw)(params)
 
   def save(step: int, elapsed: float) -> None:
     meta = {"step": step, "data_step": step * args.grad_accum,
@@ -872,7 +930,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     micro_losses = []
     for k in range(args.grad_accum):
       batch = put(train_batches.batch(step * args.grad_accum + k))
-      params, opt_state, loss = train_step(params, opt_state, batch)
+      params, opt_state, loss = train_step(
+          params, opt_state, batch, rng_key,
+          np.int32(step * args.grad_accum + k))
       micro_losses.append(loss)
       if first_step_s is None:
         loss.block_until_ready()
@@ -928,7 +988,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "start_step": start_step,
       "tokens_per_update": tokens_per_update,
       "param_count": n_params,
-      "param_bytes": tree_bytes(params_abstract),
+      "param_bytes": tree_bytes(stored_abstract),
+      "weights": args.weights,
       "opt_state_bytes": opt_bytes,
       "start_eval_loss": start_eval[0] if start_eval else None,
       "start_eval_ppl": start_eval[1] if start_eval else None,

@@ -117,15 +117,18 @@ def test_short_run_writes_outputs_and_learns(shared, tmp_path):
   assert summary["eval_step_traces"] == 1
 
 
-@pytest.mark.parametrize(
-    "optimizer", ["galore_adamw_8bit", "galore_adamw_layerwise"])
+@pytest.mark.parametrize("optimizer,extra", [
+    ("galore_adamw_8bit", {}), ("galore_adamw_layerwise", {}),
+    # int8 weights, stochastic rounding: the keys come from the step.
+    ("galore_adamw_8bit", {"--weights": "int8", "--param-dtype": "bfloat16"}),
+])
 def test_resume_reproduces_an_uninterrupted_run_exactly(
-    shared, tmp_path, optimizer):
+    shared, tmp_path, optimizer, extra):
   # Gradient accumulation and a projector refresh after the resume point
   # (gap 2) are included on purpose; N = 3 updates of 2 micro-batches.
   n = 3
   common = {"--steps": 2 * n, "--eval-every": n, "--grad-accum": 2,
-            "--checkpoint-every": n, "--optimizer": optimizer}
+            "--checkpoint-every": n, "--optimizer": optimizer, **extra}
   full = tmp_path / "full"
   pretrain_llama.main(small_args(shared, full, **common))
   assert (full / "checkpoints" / str(n)).is_dir()
@@ -249,6 +252,24 @@ def test_every_optimizer_runs(shared, tmp_path, optimizer):
   assert all(math.isfinite(float(x)) for x in train.values())
   assert math.isfinite(summary["final_eval_loss"])
   assert summary["train_step_traces"] == 1
+
+
+def test_int8_weights_learn_and_are_stored_in_int8(shared, tmp_path):
+  out = tmp_path / "int8"
+  summary = pretrain_llama.main(small_args(
+      shared, out, **{"--steps": 8, "--eval-every": 8, "--weights": "int8"}))
+  assert summary["weights"] == "int8"
+  assert summary["train_step_traces"] == 1
+  _, train, evals = read_metrics(out)
+  assert float(evals[8]) < float(evals[0]) - 0.5
+  float_run = pretrain_llama.main(small_args(
+      shared, tmp_path / "float", **{"--steps": 1}))
+  # Attention and MLP matrices: 1 byte + a scale per 64..128 values
+  # instead of 4 bytes.
+  assert summary["param_bytes"] < 0.7 * float_run["param_bytes"]
+  with pytest.raises(SystemExit, match="per-layer"):
+    pretrain_llama.parse_args(["--weights", "int8", "--optimizer",
+                               "galore_adamw_layerwise"])
 
 
 def test_optimizer_state_sizes_are_ordered(shared):
