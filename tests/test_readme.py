@@ -20,3 +20,23 @@ def test_quick_start_runs_and_learns():
   losses = [float(step(namespace["model"], namespace["optimizer"], x, y))
             for _ in range(150)]
   assert losses[-1] < 0.5 * losses[0]
+
+
+def test_int8_weights_example_runs_and_learns():
+  text = README.read_text()
+  block = re.search(r"## 8-bit weights.*?```python\n(.*?)```", text,
+                    re.S).group(1)
+  namespace = {}
+  exec(compile(block, "README int8 weights", "exec"), namespace)  # pylint: disable=exec-used
+  wq = namespace["wq"]
+  stored, opt_state = namespace["stored"], namespace["opt_state"]
+  assert wq.is_quantized(stored["self_attn"]["kernel"].get_value())
+  x = jax.random.normal(jax.random.key(0), (32, 64))
+  y = jnp.tanh(x[:, ::-1])
+  losses = []
+  for t in range(150):
+    stored, opt_state, loss = namespace["train_step"](stored, opt_state, x, y,
+                                                      t)
+    losses.append(float(loss))
+  assert losses[-1] < 0.5 * losses[0]
+  assert namespace["train_step"]._cache_size() == 1
