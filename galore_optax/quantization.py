@@ -180,14 +180,21 @@ def _nearest_code(normed: jax.Array, code: jax.Array) -> jax.Array:
   return idx
 
 
-def _abs_max(x: jax.Array, axis: int) -> jax.Array:
+def abs_max(x: jax.Array, axis: int) -> jax.Array:
   """``max(|x|)`` along ``axis``, as ``max(max(x), -min(x))`` (same value).
 
   One variadic reduction computes both extremes, so XLA fuses the producer
   of ``x`` (e.g. an optimizer's moment update) into it instead of writing
   ``x`` out first; on CPU, where a plain max, a min or a max of ``|x|`` goes to
   a library kernel that cannot fuse its input, this measured 1.3x faster
-  for the reduction alone.
+  for the reduction alone. NaN propagates.
+
+  Args:
+    x: a floating-point array.
+    axis: the (non-negative) axis to reduce.
+
+  Returns:
+    ``x``'s shape without ``axis``.
   """
   x_max, x_min = jax.lax.reduce(
       (x, x), (np.array(-np.inf, x.dtype), np.array(np.inf, x.dtype)),
@@ -254,7 +261,7 @@ def quantize_blockwise(
   # (exact) makes the input non-constant without materialising it.
   one = jax.lax.optimization_barrier(jnp.ones((), jnp.float32))
   blocks = _blocked(x.astype(jnp.float32).reshape(-1) * one, block_size)
-  absmax = _abs_max(blocks, axis=1)
+  absmax = abs_max(blocks, axis=1)
   # A zero block would divide 0 by 0; any divisor gives its values the code
   # of 0, and the stored absmax stays 0 so it dequantises to exact zeros.
   safe = jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))

@@ -45,6 +45,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.typing import DTypeLike
 
+from galore_optax import quantization
 from galore_optax import targets
 from galore_optax._checks import check_positive_int
 
@@ -133,7 +134,7 @@ def _safe(scale: jax.Array) -> jax.Array:
 
 
 def _abs_max(x: jax.Array) -> jax.Array:
-  return jnp.maximum(jnp.max(x, axis=-1), -jnp.min(x, axis=-1))
+  return quantization.abs_max(x, x.ndim - 1)
 
 
 def quantize_weight(
