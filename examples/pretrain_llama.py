@@ -557,7 +557,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   if args.lr is None:
     args.lr = default_lr(args.optimizer)
   for name in ("steps", "batch_size", "seq_len", "grad_accum", "rank",
-               "update_proj_gap", "eval_batches", "log_every"):
+               "update_proj_gap", "eval_batches", "log_every",
+               "weight_group_size"):
     if getattr(args, name) < 1:
       raise SystemExit(f"--{name.replace('_', '-')} must be >= 1.")
   if args.out_dir is None:

@@ -185,9 +185,10 @@ def abs_max(x: jax.Array, axis: int) -> jax.Array:
 
   One variadic reduction computes both extremes, so XLA fuses the producer
   of ``x`` (e.g. an optimizer's moment update) into it instead of writing
-  ``x`` out first; on CPU, where a plain max, a min or a max of ``|x|`` goes to
-  a library kernel that cannot fuse its input, this measured 1.3x faster
-  for the reduction alone. NaN propagates.
+  ``x`` out first. On CPU a plain max, min or max of ``|x|`` goes to a
+  library kernel that cannot fuse its input; on 16.4M values (timed ad hoc
+  under ``jit``) this was 1.8x faster alone and 1.3x faster with an
+  elementwise producer. NaN propagates.
 
   Args:
     x: a floating-point array.
