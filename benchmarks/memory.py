@@ -65,6 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import galore_optax  # noqa: E402
 from examples import llama  # noqa: E402
 from galore_optax import layerwise  # noqa: E402
+from galore_optax import weight_quantization  # noqa: E402
 
 GIB = 2**30
 PAPER_RANKS = {"tiny": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512,
@@ -72,6 +73,7 @@ PAPER_RANKS = {"tiny": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512,
 OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit")
 MODES = ("ordinary", "layerwise", "layerwise_scan")
 TARGETS = ["attn", "mlp"]  # the paper's GaLore targets (not embed / head)
+INT8_TARGETS = ["attn", "mlp", "embed", "lm_head"]  # --weights int8
 
 
 def make_optimizer(name: str, rank: int, projector_dtype: str):
@@ -171,13 +173,19 @@ class Row:
 
 def build_step(preset: str, opt_name: str, mode: str, *, remat: bool,
                rank: int, projector_dtype: str, batch: int, seq: int,
-               row_chunks: int = 1):
+               row_chunks: int = 1, weights: str = "bf16"):
   """The jitted step and its abstract arguments."""
   scan = mode == "layerwise_scan"
   model = llama.abstract_model(preset, dtype=jnp.bfloat16,
                                param_dtype=jnp.bfloat16,
                                remat=remat and not scan, scan_layers=scan)
   graphdef, params = nnx.split(model, nnx.Param)
+  int8 = weights == "int8"
+  if int8:
+    # Every matrix (attention, MLP, embedding, head) in int8, groups of 256.
+    params = jax.eval_shape(
+        lambda p: weight_quantization.quantize_params(
+            nnx.to_pure_dict(p), INT8_TARGETS), params)
   data = {
       "input_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32),
       "labels": jax.ShapeDtypeStruct((batch, seq), jnp.int32),
@@ -190,13 +198,17 @@ def build_step(preset: str, opt_name: str, mode: str, *, remat: bool,
 
   if mode == "ordinary":
 
-    def step(params, opt_state, b):
+    def step(stored, opt_state, b, key):
+      params = weight_quantization.dequantize_params(stored, jnp.bfloat16)
       loss, grads = jax.value_and_grad(loss_fn)(params, b)
       updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
+      return (weight_quantization.apply_updates(stored, updates, key=key),
+              opt_state, loss)
 
     step = jax.jit(step, donate_argnums=(0, 1))
-    state = jax.eval_shape(tx.init, params)
+    state = jax.eval_shape(
+        lambda p: tx.init(weight_quantization.dequantize_params(
+            p, jnp.bfloat16)), params)
   elif mode in ("layerwise", "layerwise_scan"):
     # The embedding and the head are not GaLore targets: their (8-bit) Adam
     # update is element-wise and may run in row blocks.
@@ -204,21 +216,22 @@ def build_step(preset: str, opt_name: str, mode: str, *, remat: bool,
               if row_chunks > 1 else None)
     lw = layerwise.make_layerwise_step(
         loss_fn, tx, per_layer=["model.layers"] if scan else None,
-        row_chunks=chunks)
+        row_chunks=chunks, weight_dtype=jnp.bfloat16)
     step = lw.step
     state = jax.eval_shape(lw.init, params)
   else:
     raise ValueError(f"unknown mode {mode!r}")
-  return step, (params, state, data)
+  key = jax.eval_shape(lambda: jax.random.key(0)) if int8 else None
+  return step, (params, state, data, key)
 
 
 def measure(preset: str, opt_name: str, mode: str, *, remat: bool, rank: int,
             projector_dtype: str, batch: int, seq: int, dots: str,
-            top: int = 0, row_chunks: int = 1) -> Row:
+            top: int = 0, row_chunks: int = 1, weights: str = "bf16") -> Row:
   step, abstract_args = build_step(
       preset, opt_name, mode, remat=remat, rank=rank,
       projector_dtype=projector_dtype, batch=batch, seq=seq,
-      row_chunks=row_chunks)
+      row_chunks=row_chunks, weights=weights)
   options = dict(FUSED_BF16_DOTS) if dots == "fused" else {}
   t0 = time.time()
   lowered = step.lower(*abstract_args)
@@ -234,7 +247,7 @@ def measure(preset: str, opt_name: str, mode: str, *, remat: bool, rank: int,
   mem = compiled.memory_analysis()
   args = mem.argument_size_in_bytes / GIB
   temps = mem.temp_size_in_bytes / GIB
-  params, state, _ = abstract_args
+  params, state, _, _ = abstract_args
   return Row(preset, opt_name, mode, remat,
              row_chunks if mode != "ordinary" else 1, rank, dots,
              tree_bytes(params) / GIB, tree_bytes(state) / GIB, args, temps,
@@ -264,12 +277,17 @@ def main(argv=None):
   parser.add_argument("--row-chunks", type=int, default=1,
                       help="layer-wise modes: update the embedding and the "
                       "head in this many row blocks (row_chunks)")
+  parser.add_argument("--weights", default="bf16", choices=("bf16", "int8"),
+                      help="int8: every matrix stored as int8 codes with "
+                      "float32 scales per 256 values (weight_quantization), "
+                      "updated with stochastic rounding")
   parser.add_argument("--json", default=None, help="append rows to this file")
   args = parser.parse_args(argv)
 
   header = ("| model | optimizer | mode | remat | rank | bf16 dots | params | "
             "opt state | args | temps | args+temps | compile s |")
-  print(f"GiB; bf16 weights, batch {args.batch}x{args.seq}, projector dtype "
+  print(f"GiB; {args.weights} weights, batch {args.batch}x{args.seq}, "
+        f"projector dtype "
         f"{args.projector_dtype}; jax {jax.__version__}, "
         f"{jax.devices()[0].platform}.")
   print(header)
@@ -282,7 +300,8 @@ def main(argv=None):
           row = measure(preset, opt, mode, remat=args.remat, rank=rank,
                         projector_dtype=args.projector_dtype,
                         batch=args.batch, seq=args.seq, dots=dots,
-                        top=args.top, row_chunks=args.row_chunks)
+                        top=args.top, row_chunks=args.row_chunks,
+                        weights=args.weights)
           mode_text = mode + (f" (row_chunks {row.row_chunks})"
                               if row.row_chunks > 1 else "")
           print(f"| {preset} | {opt} | {mode_text} | {row.remat} | "
@@ -298,6 +317,7 @@ def main(argv=None):
             with open(args.json, "a") as f:
               f.write(json.dumps(dataclasses.asdict(row) | {
                   "projector_dtype": args.projector_dtype,
+                  "weights": args.weights,
                   "batch": args.batch, "seq": args.seq}) + "\n")
 
 

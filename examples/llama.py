@@ -584,11 +584,12 @@ class LlamaModel(nnx.Module):
     cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
     mask = self._mask(t, attention_mask)
     # The same lookup as nnx.Embed; inside a per-layer step its gradient
-    # buffer is only created when needed.
-    table = self.embed_tokens.embedding[...]
+    # buffer is only created when needed (and an int8 table is dequantised
+    # row by row). Casting the looked-up rows equals casting the table.
+    h = layerwise.embedding_lookup(self.embed_tokens.embedding[...],
+                                   input_ids)
     if self.embed_tokens.dtype is not None:
-      table = table.astype(self.embed_tokens.dtype)
-    h = layerwise.embedding_lookup(table, input_ids)
+      h = h.astype(self.embed_tokens.dtype)
     apply = _apply_layer_remat if self.remat else _apply_layer
     if self.scan_layers:
 
@@ -667,9 +668,10 @@ class LlamaForCausalLM(nnx.Module):
         input_ids, positions=positions, attention_mask=attention_mask)
     if self.tie_word_embeddings:
       return self.model.embed_tokens.attend(h)
-    head_def, head_params = nnx.split(self.lm_head)
-    return layerwise.call_layer(
-        lambda x, p: nnx.merge(head_def, p)(x), h, head_params)
+    # nnx.Linear's product (no bias); inside a per-layer step the head's
+    # gradient is made and consumed one row block at a time.
+    return layerwise.dense(h, self.lm_head.kernel[...],
+                           dtype=self.lm_head.dtype)
 
 
 # ---------------------------------------------------------------------------

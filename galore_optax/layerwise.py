@@ -115,6 +115,7 @@ import optax
 from galore_optax import projection
 from galore_optax import quantization
 from galore_optax import targets
+from galore_optax import weight_quantization
 from galore_optax._checks import check_positive_int
 from galore_optax.transform import _PROJECTOR_BLOCK_SIZE
 from galore_optax.transform import GaLoreState
@@ -125,6 +126,7 @@ __all__ = (
     "LeafState",
     "call_layer",
     "clip_by_leaf_norm",
+    "dense",
     "embedding_lookup",
     "make_layerwise_step",
     "pack_state",
@@ -367,8 +369,13 @@ def call_layer(f: Callable[[Any, Any], Any], carry: Any, params: Any) -> Any:
   Returns:
     ``f(carry, params)``.
   """
-  if _current() is None:
+  ctx = _current()
+  if ctx is None:
     return f(carry, params)
+  if any(ctx.hooked_index(x) is not None and
+         ctx.layout.quantized[ctx.hooked_index(x)]
+         for x in jax.tree.leaves(params)):
+    return ctx.call_layer(f, carry, params)
   f_conv, consts = jax.closure_convert(f, carry, params)
   return _ordered_layer(f_conv, carry, params, *consts)
 
@@ -432,9 +439,45 @@ def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
   Returns:
     ``table[ids]``, of shape ``ids.shape + table.shape[1:]``.
   """
-  if _current() is None:
+  ctx = _current()
+  if ctx is None:
     return jnp.take(table, ids, axis=0)
+  out = ctx.embedding_lookup(table, ids)
+  if out is not None:
+    return out
   return _late_take((tuple(table.shape), jnp.dtype(table.dtype)), table, ids)
+
+
+def dense(x: jax.Array, kernel: jax.Array, *,
+          dtype: Any = None) -> jax.Array:
+  """``x @ kernel`` (contracting ``x``'s last axis with the kernel's first).
+
+  Outside a layer-wise step this is the product (what ``nnx.Linear``
+  without bias computes, both operands cast to ``dtype`` if given). Inside
+  one, when ``kernel`` is a parameter leaf of the step, its backward pass
+  updates the kernel itself: the kernel's gradient ``x^T dy`` is made one
+  row block at a time inside the update (``row_chunks``), so a large
+  output layer's full gradient (LLaMA-7B's head: 500 MiB in float32) never
+  exists; an int8 kernel is dequantised inside the product. The kernel must
+  not be used anywhere else in the loss (a tied embedding, say): the step
+  raises at trace time if it is.
+
+  Args:
+    x: ``(..., d_in)`` inputs.
+    kernel: ``(d_in, d_out)`` weight (a parameter leaf).
+    dtype: computation dtype of the product, or None (operands as they are).
+
+  Returns:
+    ``(..., d_out)``.
+  """
+  if kernel.ndim != 2:
+    raise ValueError(f"dense needs a 2-D kernel, got shape {kernel.shape}.")
+  ctx = _current()
+  if ctx is not None:
+    out = ctx.dense(x, kernel, dtype)
+    if out is not None:
+      return out
+  return _matmul(x, kernel, dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -468,6 +511,40 @@ def _split(xs: list, mask: list[bool]) -> list:
 def _merge(xs: list, mask: list[bool], new: list) -> list:
   it = iter(new)
   return [next(it) if m else x for x, m in zip(xs, mask)]
+
+
+def _interleave(mask: Sequence[bool], yes: Sequence[Any],
+                no: Sequence[Any]) -> list:
+  """Items of ``yes`` where ``mask`` is true and of ``no`` elsewhere."""
+  it_yes, it_no = iter(yes), iter(no)
+  return [next(it_yes) if m else next(it_no) for m in mask]
+
+
+def _float0_tree(tree: Any) -> Any:
+  return jax.tree.map(_float0_like, tree)
+
+
+# int8 codes travel through the backward pass (as cotangents, which must be
+# floating point) bit-cast to float8: same width, so XLA emits no copy.
+_CARRIER_DTYPE = jnp.float8_e4m3fn
+
+
+def _to_carrier(q: weight_quantization.QuantizedWeight) -> Any:
+  return q._replace(codes=jax.lax.bitcast_convert_type(q.codes,
+                                                       _CARRIER_DTYPE))
+
+
+def _from_carrier(q: Any) -> weight_quantization.QuantizedWeight:
+  return q._replace(codes=jax.lax.bitcast_convert_type(q.codes, jnp.int8))
+
+
+def _matmul(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
+  """``x @ kernel`` over x's last axis, both cast to ``dtype`` (default:
+  their promoted dtype), as ``nnx.Linear`` computes it."""
+  if dtype is None:
+    dtype = jnp.result_type(x, kernel)
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 # ---------------------------------------------------------------------------
@@ -515,6 +592,8 @@ class _Layout:
   anchor: list[Any]  # per leaf: None or (index, ShapeDtypeStruct)
   specs: list[Any]  # abstract unpacked LeafState per unit
   lowrank: list[Any]  # projection.LeafPlan for low-rank accumulation, or None
+  quantized: list[bool]  # stored as a weight_quantization.QuantizedWeight
+  qindex: list[Any]  # position among the quantised leaves (their key), or None
 
 
 # ---------------------------------------------------------------------------
@@ -554,6 +633,7 @@ def make_layerwise_step(
     accumulate_dtype: Any = jnp.float32,
     per_layer: PerLayerSpec = None,
     row_chunks: Mapping[str, int] | None = None,
+    weight_dtype: Any = jnp.float32,
     has_aux: bool = False,
     donate: bool = True,
     jit: bool = True,
@@ -599,6 +679,9 @@ def make_layerwise_step(
       ``block_size`` values that do not straddle row blocks, SGD, Lion; not
       GaLore-projected or Adafactor-factored leaves, which raise or change
       meaning): then the result is the same as updating the leaf whole.
+    weight_dtype: dtype that int8 leaves (``weight_quantization.
+      QuantizedWeight`` nodes of ``params``) are dequantised to, for the
+      model and the optimizer (the model's parameter dtype).
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     donate: donate ``params`` and ``opt_state`` to the step, so the new
       ones reuse their buffers.
@@ -626,6 +709,10 @@ def make_layerwise_step(
   else:
     per_layer_match = targets.make_matcher(per_layer)
   accumulate_dtype = jnp.dtype(accumulate_dtype)
+  weight_dtype = jnp.dtype(weight_dtype)
+  if not jnp.issubdtype(weight_dtype, jnp.floating):
+    raise ValueError(f"weight_dtype must be a floating dtype, got "
+                     f"{weight_dtype}.")
   cache: dict[Any, _Layout] = {}
 
   # -- layout ---------------------------------------------------------------
@@ -644,9 +731,11 @@ def make_layerwise_step(
     return jnp.zeros(aval.shape, aval.dtype)
 
   def get_layout(params: Any) -> _Layout:
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    key = (treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype).name)
-                          for _, x in paths_leaves))
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=weight_quantization.is_quantized)
+    key = (treedef, tuple((tuple(a.shape), jnp.dtype(a.dtype).name)
+                          for _, x in paths_leaves
+                          for a in jax.tree.leaves(x)))
     if key in cache:
       return cache[key]
     names = [targets.path_to_name(p) for p, _ in paths_leaves]
@@ -656,13 +745,26 @@ def make_layerwise_step(
     per = []
     chunks = []
     units = []
+    quantized = []
+    qindex = []
     for name, (_, x) in zip(names, paths_leaves):
-      if not jnp.issubdtype(x.dtype, jnp.floating):
+      is_q = weight_quantization.is_quantized(x)
+      quantized.append(is_q)
+      qindex.append(sum(quantized) - 1 if is_q else None)
+      if is_q:
+        # The optimizer sees the dequantised weight.
+        x = jax.ShapeDtypeStruct(x.codes.shape, weight_dtype)
+      elif not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"Parameter {name!r} has dtype {x.dtype}; layer-wise "
                          "updates need floating-point parameters.")
       is_per = bool(per_layer_match(name))
       if is_per and len(x.shape) < 1:
         raise ValueError(f"per_layer leaf {name!r} has no leading layer axis.")
+      if is_per and is_q:
+        raise ValueError(
+            f"per_layer leaf {name!r} is stored in int8; int8 weights are "
+            "supported for unrolled layers (call_layer), dense and "
+            "embedding_lookup, not for per_layer stacks.")
       nk = next((c for match, c in chunk_rules if match(name)), 1)
       if nk > 1 and (is_per or len(x.shape) < 1 or x.shape[0] % nk):
         raise ValueError(
@@ -684,7 +786,8 @@ def make_layerwise_step(
           "that must match the whole name (use a list for substrings); some "
           f"names: {names[:10]}.")
     layout = _Layout(treedef, names, per, chunks, units, [None] * len(names),
-                     [None] * len(names), [None] * len(names))
+                     [None] * len(names), [None] * len(names), quantized,
+                     qindex)
     opt_specs: list[Any] = [None] * len(names)
     errors = {}
     for i, u in enumerate(units):
@@ -741,6 +844,12 @@ def make_layerwise_step(
 
   # -- per-unit init and update (unpacked) ------------------------------------
 
+  def leaf_value(layout: _Layout, i: int, p: Any) -> jax.Array:
+    """The float value of a stored leaf (int8 leaves dequantised)."""
+    if layout.quantized[i]:
+      return weight_quantization.dequantize_weight(p, weight_dtype)
+    return p
+
   def init_unit(layout: _Layout, i: int, p: jax.Array) -> LeafState:
     opt_state = tx.init(single(layout, i, p, anchor_zeros(layout, i)))
     spec = layout.specs[i]
@@ -751,22 +860,28 @@ def make_layerwise_step(
       acc = mini = optax.MaskedNode()
     return LeafState(opt_state, acc, mini)
 
-  def tx_update(layout, i, g, opt_state, p):
+  def tx_update(layout, i, g, opt_state, p, key):
     z = anchor_zeros(layout, i)
+    value = leaf_value(layout, i, p)
     updates, new_state = tx.update(single(layout, i, g, z), opt_state,
-                                   single(layout, i, p, z))
+                                   single(layout, i, value, z))
     u = layout.treedef.flatten_up_to(updates)[i]
     # Keep the state's dtypes fixed (lax.cond and donation need it).
     new_state = jax.tree.map(lambda a, b: jnp.asarray(b).astype(a.dtype),
                              opt_state, new_state)
+    if layout.quantized[i]:
+      key, row_offset = key if key is not None else (None, 0)
+      return (weight_quantization.apply_update(p, u, key=key,
+                                               row_offset=row_offset),
+              new_state)
     return optax.apply_updates(p, u), new_state
 
-  def update_unit(layout: _Layout, i: int, g: jax.Array, p: jax.Array,
-                  st: LeafState) -> tuple[jax.Array, LeafState]:
+  def update_unit(layout: _Layout, i: int, g: jax.Array, p: Any,
+                  st: LeafState, key: Any) -> tuple[Any, LeafState]:
     if clip_norm is not None:
       g = _clip_leaf(g, clip_norm)
     if k == 1:
-      new_p, opt_state = tx_update(layout, i, g, st.opt_state, p)
+      new_p, opt_state = tx_update(layout, i, g, st.opt_state, p, key)
       return new_p, st._replace(opt_state=opt_state)
 
     plan = layout.lowrank[i]
@@ -780,7 +895,8 @@ def make_layerwise_step(
       # (XLA drops the rest of it).
       def probe(s):
         z = anchor_zeros(layout, i)
-        _, trial = tx.update(single(layout, i, g, z), s, single(layout, i, p, z))
+        _, trial = tx.update(single(layout, i, g, z), s,
+                             single(layout, i, leaf_value(layout, i, p), z))
         return _with_projectors(s, trial)
 
       opt_state = jax.lax.cond(j == 0, probe, lambda s: s, opt_state)
@@ -796,7 +912,8 @@ def make_layerwise_step(
     def emit(opt_state, acc):
       full = acc if plan is None else projection.project_back(acc, factors,
                                                                plan)
-      new_p, new_opt = tx_update(layout, i, full.astype(g.dtype), opt_state, p)
+      new_p, new_opt = tx_update(layout, i, full.astype(g.dtype), opt_state, p,
+                                 key)
       return new_p, new_opt, jnp.zeros_like(acc)
 
     def hold(opt_state, acc):
@@ -807,37 +924,54 @@ def make_layerwise_step(
     mini = (optax.safe_increment(j) % k).astype(jnp.int32)
     return new_p, LeafState(opt_state, acc, mini)
 
-  def update_packed(layout, i, g, p, packed):
+  def update_packed(layout, i, g, p, packed, key=None):
     st = unpack_state(packed, layout.specs[i])
-    new_p, new_st = update_unit(layout, i, g, p, st)
+    new_p, new_st = update_unit(layout, i, g, p, st, key)
     return new_p, pack_state(new_st)
 
-  def update_leaf(layout, i, g, p, packed):
-    """A whole leaf's update (per layer slice or row block where stacked)."""
+  def update_leaf(layout, i, g, p, packed, key=None):
+    """A whole leaf's update (per layer slice or row block where stacked).
+
+    ``g`` is the leaf's gradient, or a function ``(start, rows) -> rows
+    start:start+rows of the gradient`` (``dense``, ``embedding_lookup``),
+    so a row-chunked leaf's gradient is made one block at a time. ``key``
+    (int8 leaves) is the leaf's rounding key; a row block passes its first
+    row along with it, so blocks draw the whole leaf's rounding bits.
+    """
     if layout.per_layer[i]:
       return jax.vmap(lambda *a: update_packed(layout, i, *a))(g, p, packed)
     nk = layout.chunks[i]
+    rows_total = layout.unit_avals[i].shape[0] * nk if layout.unit_avals[i].shape else 0
     if nk == 1:
-      return update_packed(layout, i, g, p, packed)
-    shape = p.shape
-    blocks = lambda x: x.reshape(nk, shape[0] // nk, *shape[1:])
-    rows = shape[0] // nk
+      if callable(g):
+        g = g(0, rows_total)
+      return update_packed(layout, i, g, p, packed,
+                           None if key is None else (key, 0))
+    rows = rows_total // nk
+    blocks = lambda x: x.reshape(nk, x.shape[0] // nk, *x.shape[1:])
     take = lambda x, c: jax.lax.dynamic_index_in_dim(x, c, 0, keepdims=False)
     put = lambda x, v, c: jax.lax.dynamic_update_index_in_dim(x, v, c, 0)
 
     def body(c, carry):
       pk, sk = carry
-      # Row block c sliced from the gradient (no reshape of the whole
-      # gradient into blocks first): a lower peak on the 60M per-layer step.
-      # XLA:CPU still copies a weight gradient it laid out transposed once.
-      g_c = jax.lax.dynamic_slice_in_dim(g, c * rows, rows, axis=0)
-      new_p, new_s = update_packed(layout, i, g_c, take(pk, c),
-                                   jax.tree.map(lambda x: take(x, c), sk))
-      return put(pk, new_p, c), jax.tree.map(lambda x, v: put(x, v, c), sk,
-                                             new_s)
+      if callable(g):
+        g_c = g(c * rows, rows)
+      else:
+        # Row block c sliced from the gradient (no reshape of the whole
+        # gradient into blocks first): a lower peak on the 60M per-layer
+        # step. XLA:CPU still copies a weight gradient it laid out
+        # transposed once.
+        g_c = jax.lax.dynamic_slice_in_dim(g, c * rows, rows, axis=0)
+      key_c = None if key is None else (key, c * rows)
+      new_p, new_s = update_packed(
+          layout, i, g_c, jax.tree.map(lambda x: take(x, c), pk),
+          jax.tree.map(lambda x: take(x, c), sk), key_c)
+      return (jax.tree.map(lambda x, v: put(x, v, c), pk, new_p),
+              jax.tree.map(lambda x, v: put(x, v, c), sk, new_s))
 
-    pk, packed = jax.lax.fori_loop(0, nk, body, (blocks(p), packed))
-    return pk.reshape(shape), packed
+    pk, packed = jax.lax.fori_loop(0, nk, body,
+                                   (jax.tree.map(blocks, p), packed))
+    return jax.tree.map(lambda x, y: x.reshape(y.shape), pk, p), packed
 
   # -- public init ------------------------------------------------------------
 
@@ -846,6 +980,7 @@ def make_layerwise_step(
     leaves = layout.treedef.flatten_up_to(params)
     out = {}
     for i, (name, p) in enumerate(zip(layout.names, leaves)):
+      p = leaf_value(layout, i, p)
       fn = lambda x, i=i: pack_state(init_unit(layout, i, x))
       if layout.per_layer[i]:
         out[name] = jax.vmap(fn)(p)
@@ -871,7 +1006,7 @@ def make_layerwise_step(
 
   # -- the hooks ---------------------------------------------------------------
 
-  def make_hook(layout, i, reached):
+  def make_hook(layout, i, ctx):
 
     @jax.custom_vjp
     def hook(p, s):
@@ -883,27 +1018,237 @@ def make_layerwise_step(
 
     def bwd(res, g):
       p, s = res
-      reached.add(i)
+      ctx.reach_directly(i)
       return update_leaf(layout, i, g, p, s)
 
     hook.defvjp(fwd, bwd)
     return hook
 
-  class _Context:
-    """Trace-time registry of the ``per_layer`` leaves for ``scan_layers``."""
+  def make_quantized_hook(layout, i, ctx):
+    """Identity on the int8 weight: returns it dequantised (plain uses)."""
 
-    def __init__(self, layout, leaves, packed, reached):
+    @jax.custom_vjp
+    def hook(carrier, s, key_data):
+      del s, key_data
+      return leaf_value(layout, i, _from_carrier(carrier))
+
+    def fwd(carrier, s, key_data):
+      return hook(carrier, s, key_data), (carrier, s, key_data)
+
+    def bwd(res, g):
+      carrier, s, key_data = res
+      ctx.reach_directly(i)
+      new_q, new_s = update_leaf(layout, i, g, _from_carrier(carrier), s,
+                                 ctx.leaf_key(key_data))
+      return _to_carrier(new_q), new_s, _float0_tree(key_data)
+
+    hook.defvjp(fwd, bwd)
+    return hook
+
+  class _Context:
+    """Trace-time registry of the step's leaves for the layer-aware calls.
+
+    ``call_layer``, ``dense``, ``embedding_lookup`` and ``scan_layers`` look
+    their arguments up here (by identity) to reach the leaf's stored value,
+    its packed state and its rounding key.
+    """
+
+    def __init__(self, layout, leaves, packed, key_data, reached, key_impl):
       self.layout = layout
       self.reached = reached
+      self.leaves = leaves
+      self.packed = packed
+      self.key_data = key_data
+      self.key_impl = key_impl
       self.registry = {id(leaves[i]): (i, leaves[i], packed[i])
                        for i in range(len(leaves)) if layout.per_layer[i]}
       self.consumed: set[int] = set()
+      self.hooked: dict[int, int] = {}  # id(hook output) -> leaf index
+      self.taken: set[int] = set()  # leaves consumed by dense & co.
 
     def is_registered(self, x):
       return id(x) in self.registry
 
     def scan(self, f, carry, leaves, ldef):
       return _scan_layerwise(self, f, carry, leaves, ldef)
+
+    def hooked_index(self, x) -> int | None:
+      return self.hooked.get(id(x))
+
+    def take(self, i: int):
+      """Leaf ``i``'s (stored value, packed state, key data), consumed once."""
+      if i in self.taken:
+        raise ValueError(
+            f"Parameter {self.layout.names[i]!r} is used by more than one "
+            "layerwise.call_layer/dense/embedding_lookup call; each must "
+            "be the only use of its int8 weight or dense kernel.")
+      self.taken.add(i)
+      return self.leaves[i], self.packed[i], self.key_data[i]
+
+    def reach_directly(self, i: int) -> None:
+      if i in self.taken:
+        raise ValueError(
+            f"Parameter {self.layout.names[i]!r} is used by "
+            "layerwise.call_layer/dense/embedding_lookup and also elsewhere "
+            "in the loss (e.g. tied embeddings); its update would be split. "
+            "Use it in one place, or keep it in floating point.")
+      self.reached.add(i)
+
+    def leaf_key(self, key_data):
+      if key_data is None:
+        return None
+      return jax.random.wrap_key_data(key_data, impl=self.key_impl)
+
+    def value(self, i, stored, tie):
+      """Leaf ``i``'s float value; an int8 leaf's scale is tied to ``tie``."""
+      if not self.layout.quantized[i]:
+        return stored
+      q = _from_carrier(stored)
+      return leaf_value(self.layout, i, q._replace(scale=q.scale + tie))
+
+    def update(self, i, g, stored, packed, key_data):
+      """Cotangents (new stored value, new packed state, key) of leaf i."""
+      self.reached.add(i)
+      if self.layout.quantized[i]:
+        new_q, new_s = update_leaf(self.layout, i, g, _from_carrier(stored),
+                                   packed, self.leaf_key(key_data))
+        return _to_carrier(new_q), new_s, _float0_tree(key_data)
+      new_p, new_s = update_leaf(self.layout, i, g, stored, packed)
+      return new_p, new_s, _float0_tree(key_data)
+
+    def call_layer(self, f, carry, params):
+      return _call_layer_quantized(self, f, carry, params)
+
+    def dense(self, x, kernel, dtype):
+      i = self.hooked_index(kernel)
+      if i is None or self.layout.per_layer[i] or kernel.ndim != 2:
+        return None
+      return _dense_update(self, i, x, dtype)
+
+    def embedding_lookup(self, table, ids):
+      i = self.hooked_index(table)
+      if i is None or not self.layout.quantized[i]:
+        return None
+      return _lookup_quantized(self, i, ids)
+
+  def _call_layer_quantized(ctx, f, carry, params):
+    """``call_layer`` for a layer holding int8 leaves.
+
+    The layer receives the int8 leaves (codes, scales) and dequantises them
+    itself, in the forward pass and again in the recomputation, so the
+    dequantised weights are never residuals kept from the forward to the
+    backward pass. Their gradients go straight to their updates.
+    """
+    p_leaves, pdef = jax.tree.flatten(params)
+    index = [ctx.hooked_index(x) for x in p_leaves]
+    is_q = [i is not None and ctx.layout.quantized[i] for i in index]
+    q_ids = [i for i, q in zip(index, is_q) if q]
+    q_inputs = [ctx.take(i) for i in q_ids]
+    f_conv, consts = jax.closure_convert(f, carry, params)
+
+    def apply(c, others, weights, cs):
+      return f_conv(c, pdef.unflatten(_interleave(is_q, weights, others)), *cs)
+
+    def weights_of(q_inputs, c):
+      tie = _zero_tie(c)
+      return [ctx.value(i, stored, tie)
+              for i, (stored, _, _) in zip(q_ids, q_inputs)]
+
+    @jax.custom_vjp
+    def run(c, others, q_inputs, cs):
+      return apply(c, others, weights_of(q_inputs, c), cs)
+
+    def run_fwd(c, others, q_inputs, cs):
+      return run(c, others, q_inputs, cs), (c, others, q_inputs, cs)
+
+    def run_bwd(res, ct):
+      c, others, q_inputs, cs = res
+      # Recompute from an input tied to the output cotangent (see
+      # _ordered_layer_bwd); the weights are dequantised from it.
+      c = _add_tie(c, _zero_tie(ct))
+      weights = weights_of(q_inputs, c)
+      _, vjp = jax.vjp(apply, c, others, weights, cs)
+      ct_c, ct_others, ct_w, ct_cs = vjp(ct)
+      tie = _zero_tie(ct_c)
+      ct_others = _add_tie(ct_others, tie)
+      q_cts = [ctx.update(i, g + tie.astype(g.dtype), *q_in)
+               for i, g, q_in in zip(q_ids, ct_w, q_inputs)]
+      return ct_c, ct_others, q_cts, ct_cs
+
+    run.defvjp(run_fwd, run_bwd)
+    others = [x for x, q in zip(p_leaves, is_q) if not q]
+    return run(carry, others, q_inputs, list(consts))
+
+  def _dense_update(ctx, i, x, dtype):
+    """``x @ kernel`` whose backward updates the kernel (leaf ``i``).
+
+    The kernel's gradient ``x^T dy`` is made one row block at a time inside
+    the update's loop (``row_chunks``), so the whole gradient never exists;
+    the input gradient ``dy kernel^T`` is computed first, from the old
+    kernel, and the in-place update is ordered after it.
+    """
+    stored, packed, key_data = ctx.take(i)
+
+    @jax.custom_vjp
+    def run(x, stored, packed, key_data):
+      del packed, key_data
+      return _matmul(x, ctx.value(i, stored, _zero_tie(x)), dtype)
+
+    def run_fwd(x, stored, packed, key_data):
+      return run(x, stored, packed, key_data), (x, stored, packed, key_data)
+
+    def run_bwd(res, dy):
+      x, stored, packed, key_data = res
+      w = ctx.value(i, stored, _zero_tie(dy))
+      (dx,) = jax.vjp(lambda x_: _matmul(x_, w, dtype), x)[1](dy)
+      dy = _add_tie(dy, _zero_tie(dx))
+      w_aval = ctx.layout.unit_avals[i]
+
+      def grad_rows(start, rows):
+        x_rows = jax.lax.dynamic_slice_in_dim(x, start, rows, axis=x.ndim - 1)
+        zeros = jnp.zeros((rows, *w_aval.shape[1:]), w.dtype)
+        (g,) = jax.vjp(lambda w_: _matmul(x_rows, w_, dtype), zeros)[1](dy)
+        return g
+
+      return (dx, *ctx.update(i, grad_rows, stored, packed, key_data))
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(x, stored, packed, key_data)
+
+  def _lookup_quantized(ctx, i, ids):
+    """``table[ids]`` of an int8 table: only the looked-up rows are dequantised;
+    the gradient is scattered one row block at a time inside the update."""
+    stored, packed, key_data = ctx.take(i)
+
+    @jax.custom_vjp
+    def run(stored, packed, key_data, ids):
+      del packed, key_data
+      q = _from_carrier(stored)
+      rows = weight_quantization.QuantizedWeight(
+          jnp.take(q.codes, ids, axis=0), jnp.take(q.scale, ids, axis=0))
+      return weight_quantization.dequantize_weight(rows, weight_dtype)
+
+    def run_fwd(stored, packed, key_data, ids):
+      return run(stored, packed, key_data, ids), (stored, packed, key_data,
+                                                  ids)
+
+    def run_bwd(res, ct):
+      stored, packed, key_data, ids = res
+      ct = ct.astype(weight_dtype)
+      width = ctx.layout.unit_avals[i].shape[1:]
+      tie = _zero_tie(ct).astype(weight_dtype)
+
+      def grad_rows(start, rows):
+        inside = (ids >= start) & (ids < start + rows)
+        local = jnp.where(inside, ids - start, rows)  # row `rows` is dropped
+        zeros = jnp.zeros((rows, *width), weight_dtype) + tie
+        return zeros.at[local].add(ct, mode="drop")
+
+      new = ctx.update(i, grad_rows, stored, packed, key_data)
+      return (*new, _float0_like(ids))
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(stored, packed, key_data, ids)
 
   def _scan_layerwise(ctx, f, carry, leaves, ldef):
     layout = ctx.layout
@@ -1010,22 +1355,44 @@ def make_layerwise_step(
 
   # -- the step ----------------------------------------------------------------
 
-  def step(params, state: LayerwiseState, batch):
+  def step(params, state: LayerwiseState, batch, key=None):
     layout = get_layout(params)
-    leaves = layout.treedef.flatten_up_to(params)
+    stored = layout.treedef.flatten_up_to(params)
     missing = [n for n in layout.names if n not in state.leaves]
     if missing:
       raise ValueError(f"opt_state has no state for {missing[:5]}; was it "
                        "made by this step's init for these parameters?")
     packed = [state.leaves[n] for n in layout.names]
     reached: set[int] = set()
+    # int8 leaves: the i-th one rounds with fold_in(key, i), as
+    # weight_quantization.apply_updates does; key data (not typed keys)
+    # cross the custom_vjp boundaries.
+    key_impl = None
+    leaf_keys = [None] * len(stored)
+    if key is not None and any(layout.quantized):
+      if not jax.dtypes.issubdtype(jnp.asarray(key).dtype,
+                                   jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+      key_impl = jax.random.key_impl(key)
+      leaf_keys = [None if j is None else jax.random.fold_in(key, j)
+                   for j in layout.qindex]
+    key_data = [None if kk is None else jax.random.key_data(kk)
+                for kk in leaf_keys]
+    leaves = [_to_carrier(x) if q else x
+              for x, q in zip(stored, layout.quantized)]
 
     def hooked_loss(leaves, packed):
-      ctx = _Context(layout, leaves, packed, reached)
-      hooked = [
-          x if layout.per_layer[i] else make_hook(layout, i, reached)(
-              x, packed[i]) for i, x in enumerate(leaves)
-      ]
+      ctx = _Context(layout, leaves, packed, key_data, reached, key_impl)
+      hooked = []
+      for i, x in enumerate(leaves):
+        if layout.per_layer[i]:
+          h = x
+        elif layout.quantized[i]:
+          h = make_quantized_hook(layout, i, ctx)(x, packed[i], key_data[i])
+        else:
+          h = make_hook(layout, i, ctx)(x, packed[i])
+        ctx.hooked[id(h)] = i  # `hooked` keeps h alive, so ids stay unique
+        hooked.append(h)
       with _activate(ctx):
         out = loss_fn(layout.treedef.unflatten(hooked), batch)
       lost = [layout.names[i] for i in range(len(leaves))
@@ -1046,12 +1413,16 @@ def make_layerwise_step(
         hooked_loss, argnums=(0, 1), has_aux=True)(leaves, packed)
     new_leaves, new_packed = list(new_leaves), list(new_packed)
     for i in range(len(leaves)):
+      if layout.quantized[i]:
+        new_leaves[i] = _from_carrier(new_leaves[i])
       if i in reached:
         continue
       # The loss does not use this leaf: its hook never ran. Update it with a
       # zero gradient, as an ordinary step would.
+      full = stored[i].codes if layout.quantized[i] else stored[i]
+      zeros = jnp.zeros(full.shape, layout.unit_avals[i].dtype)
       new_leaves[i], new_packed[i] = update_leaf(
-          layout, i, jnp.zeros_like(leaves[i]), leaves[i], packed[i])
+          layout, i, zeros, stored[i], packed[i], leaf_keys[i])
     new_params = layout.treedef.unflatten(new_leaves)
     new_state = LayerwiseState(dict(zip(layout.names, new_packed)))
     if has_aux:

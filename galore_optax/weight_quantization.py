@@ -22,7 +22,9 @@ Updates. ``apply_updates(params, updates, key=...)`` adds each update to the
 dequantised weight, recomputes the group scales from the sum, and rounds
 ``w / s`` to codes: stochastically (``floor(w / s + u)``, ``u`` uniform in
 ``[0, 1)``, unbiased) when given a key, to nearest otherwise. The key of
-each leaf is ``fold_in(key, leaf index)``; derive ``key`` from the step
+each leaf is ``fold_in(key, leaf index)`` and row ``r`` of a leaf draws its
+noise from ``fold_in(leaf key, r)`` (so updating a weight in blocks of rows,
+as the per-layer step does, draws the same bits); derive ``key`` from the step
 (``jax.random.fold_in(base_key, step)``) and a resumed run draws the same
 bits. A group whose update is all zero (``optax.MultiSteps``' in-between
 steps, a frozen leaf) keeps its codes and scale exactly.
@@ -119,12 +121,25 @@ def _ungrouped(y: jax.Array, like: jax.Array) -> jax.Array:
   return out
 
 
-def _round(t: jax.Array, key: jax.Array | None) -> jax.Array:
-  """Nearest (key None) or stochastic rounding of ``t`` to int8 codes."""
+def _round(t: jax.Array, key: jax.Array | None,
+           row_offset: int | jax.Array = 0) -> jax.Array:
+  """Nearest (key None) or stochastic rounding of grouped ``t`` to codes.
+
+  ``t`` is ``(*rows, groups, group)``. The noise of row ``r`` (rows counted
+  over all leading axes, row-major) is drawn from ``fold_in(key,
+  row_offset + r)``, so a weight updated in blocks of rows gets the same
+  bits as when updated whole.
+  """
   if key is None:
     r = jnp.round(t)
   else:
-    r = jnp.floor(t + jax.random.uniform(key, t.shape, jnp.float32))
+    lead = t.shape[:-2]
+    rows = row_offset + jnp.arange(math.prod(lead), dtype=jnp.int32)
+    draw = lambda i: jax.random.uniform(jax.random.fold_in(key, i),
+                                        t.shape[-2:], jnp.float32)
+    for _ in lead:
+      draw = jax.vmap(draw)
+    r = jnp.floor(t + draw(rows.reshape(lead)))
   return jnp.clip(r, -_QMAX, _QMAX).astype(jnp.int8)
 
 
@@ -195,7 +210,8 @@ def dequantize_weight(q: QuantizedWeight,
 
 
 def apply_update(q: QuantizedWeight, update: jax.Array, *,
-                 key: jax.Array | None = None) -> QuantizedWeight:
+                 key: jax.Array | None = None,
+                 row_offset: int | jax.Array = 0) -> QuantizedWeight:
   """Adds ``update`` to the weight stored in ``q`` and re-quantises it.
 
   The new scales come from the sum; ``w / s'`` is computed as
@@ -207,6 +223,11 @@ def apply_update(q: QuantizedWeight, update: jax.Array, *,
     q: the quantised weight.
     update: the additive update (any float dtype), ``q.codes``' shape.
     key: PRNG key for stochastic rounding; ``None`` rounds to nearest.
+      Row ``r`` (leading axes flattened) rounds with noise drawn from
+      ``fold_in(key, row_offset + r)``.
+    row_offset: index of ``q``'s first row in the whole weight, when ``q``
+      is a block of rows of it (row-blocked updates then draw the bits of
+      the whole-weight update).
 
   Returns:
     The new ``QuantizedWeight`` (same shapes and dtypes).
@@ -225,7 +246,7 @@ def apply_update(q: QuantizedWeight, update: jax.Array, *,
   new_scale = jnp.where(changed, _abs_max(c * s + u) / _QMAX, q.scale)
   divisor = _safe(new_scale)[..., None]
   # s / s is exactly 1, so unchanged codes come back exactly.
-  codes = _round(c * (s / divisor) + u / divisor, key)
+  codes = _round(c * (s / divisor) + u / divisor, key, row_offset)
   return QuantizedWeight(_ungrouped(codes, q.codes), new_scale)
 
 

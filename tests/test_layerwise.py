@@ -476,3 +476,155 @@ def test_sharded_parameters_keep_their_sharding():
   out = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True,
                        text=True, env=env, timeout=300)
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# int8 weights (weight_quantization.QuantizedWeight leaves) and lw.dense
+# ---------------------------------------------------------------------------
+
+from galore_optax import weight_quantization as wq  # noqa: E402
+
+_NV, _ND = 64, 32  # vocabulary, width of the int8 toy
+
+
+def _toy_params():
+  k = jax.random.split(jax.random.key(7), 4)
+  return {"embed": jax.random.normal(k[0], (_NV, _ND)) * 0.3,
+          "attn": {"w": jax.random.normal(k[1], (_ND, _ND)) * 0.3,
+                   "b": jnp.full((_ND,), 0.1, jnp.float32)},
+          "mlp": {"w": jax.random.normal(k[2], (_ND, _ND)) * 0.3},
+          "head": jax.random.normal(k[3], (_ND, _NV)) * 0.3}
+
+
+def _toy_loss(params, ids, layerwise_calls=True):
+  """Embedding, two layers, head. ``mlp`` is used directly (no call_layer):
+  an int8 leaf then goes through the plain hook."""
+  attn = lambda x, p: jnp.tanh(x @ p["w"] + p["b"])
+  if layerwise_calls:
+    x = lw.embedding_lookup(params["embed"], ids)
+    x = lw.call_layer(attn, x, params["attn"])
+  else:
+    x = attn(params["embed"][ids], params["attn"])
+  x = jnp.tanh(x @ params["mlp"]["w"])
+  logits = (lw.dense(x, params["head"]) if layerwise_calls else
+            x @ params["head"])
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, (ids + 1) % _NV).mean()
+
+
+_TOY_BATCHES = [jnp.asarray(np.random.default_rng(i).integers(0, _NV, (4, 8)))
+                for i in range(3)]
+
+
+def _assert_int8_close(params, ref):
+  for a, b in zip(jax.tree.leaves(params, is_leaf=wq.is_quantized),
+                  jax.tree.leaves(ref, is_leaf=wq.is_quantized)):
+    if wq.is_quantized(a):
+      assert a.codes.dtype == jnp.int8 and a.scale.dtype == jnp.float32
+      # Float32 rounding of the update may move a code at a rounding tie.
+      assert np.mean(np.asarray(a.codes) != np.asarray(b.codes)) < 1e-3
+      np.testing.assert_allclose(a.scale, b.scale, rtol=1e-6)
+    else:
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("weights", ["float", "int8"])
+def test_int8_weights_and_dense_match_the_ordinary_step(weights):
+  """call_layer, dense and embedding_lookup on int8 (and float) leaves,
+  the head and embedding updated in row blocks: the same parameters as the
+  ordinary step with weight_quantization.apply_updates and the same keys
+  (rounding noise is drawn per row, so row blocks draw the same bits)."""
+  tx = go.galore_adamw_8bit(LR, rank=4, update_proj_gap=2,
+                            target_modules=["attn", "mlp"], min_size=64)
+  params = _toy_params()
+  if weights == "int8":
+    params = wq.quantize_params(params, ["embed", "attn", "mlp", "head"],
+                                group_size=16, min_size=64)
+    assert wq.is_quantized(params["head"]) and not wq.is_quantized(
+        params["attn"]["b"])
+  base = jax.random.key(11)
+
+  @jax.jit
+  def ordinary(stored, state, ids, key):
+    values = wq.dequantize_params(stored)
+    loss, g = jax.value_and_grad(
+        lambda p: _toy_loss(p, ids, layerwise_calls=False))(values)
+    u, state = tx.update(g, state, values)
+    return wq.apply_updates(stored, u, key=key), state, loss
+
+  init, step = lw.make_layerwise_step(
+      _toy_loss, tx, row_chunks={"head": 4, "embed": 2}, donate=False)
+  ref = params
+  ref_state = jax.jit(lambda p: tx.init(wq.dequantize_params(p)))(params)
+  state = init(params)
+  for n, ids in enumerate(_TOY_BATCHES):
+    key = jax.random.fold_in(base, n)
+    ref, ref_state, ref_loss = ordinary(ref, ref_state, ids, key)
+    params, state, loss = step(params, state, ids, key)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  _assert_int8_close(params, ref)
+  moved = wq.dequantize_params(params)["head"] - wq.dequantize_params(
+      _toy_params() if weights == "float" else
+      wq.quantize_params(_toy_params(), ["embed", "attn", "mlp", "head"],
+                         group_size=16, min_size=64))["head"]
+  assert np.abs(moved).max() > 0.5 * LR  # the weights did move
+
+
+def test_int8_steps_trace_once_and_nearest_rounding_without_key():
+  traces = []
+
+  def loss(p, ids):
+    traces.append(1)
+    return _toy_loss(p, ids)
+
+  tx = go.adamw_8bit(LR, min_size=64, block_size=64)
+  stored = wq.quantize_params(_toy_params(), ["embed", "attn", "mlp", "head"],
+                              group_size=16, min_size=64)
+  init, step = lw.make_layerwise_step(loss, tx)
+  params = jax.tree.map(jnp.copy, stored)
+  state = init(params)
+  codes = params["mlp"]["w"].codes
+  for n, ids in enumerate(_TOY_BATCHES):
+    params, state, _ = step(params, state, ids, jax.random.fold_in(
+        jax.random.key(0), n))
+  assert len(traces) == 1 and codes.is_deleted()
+  # Without a key: round to nearest, as weight_quantization.apply_updates.
+  init, step = lw.make_layerwise_step(_toy_loss, tx, donate=False)
+  values = wq.dequantize_params(stored)
+  g = jax.grad(lambda p: _toy_loss(p, _TOY_BATCHES[0], False))(values)
+  u, _ = tx.update(g, tx.init(values), values)
+  expected = wq.apply_updates(stored, u)
+  new, _, _ = step(stored, init(stored), _TOY_BATCHES[0])
+  _assert_int8_close(new, expected)
+
+
+def test_int8_and_dense_errors():
+  stored = wq.quantize_params(_toy_params(), ["embed", "attn", "mlp", "head"],
+                              group_size=16, min_size=64)
+  tx = optax.sgd(0.1)
+
+  def tied(p, ids):  # the head kernel also used outside dense
+    return _toy_loss(p, ids) + jnp.sum(p["head"])
+
+  init, step = lw.make_layerwise_step(tied, tx, jit=False)
+  with pytest.raises(ValueError, match="also elsewhere"):
+    jax.eval_shape(step, stored, jax.eval_shape(init, stored),
+                   _TOY_BATCHES[0])
+
+  def twice(p, ids):  # two dense calls on one kernel
+    x = jnp.ones((2, _ND))
+    return jnp.sum(lw.dense(x, p["head"])) + jnp.sum(lw.dense(x, p["head"]))
+
+  init, step = lw.make_layerwise_step(twice, tx, jit=False)
+  params = _toy_params()
+  with pytest.raises(ValueError, match="more than one"):
+    jax.eval_shape(step, params, jax.eval_shape(init, params),
+                   _TOY_BATCHES[0])
+  with pytest.raises(ValueError, match="floating dtype"):
+    lw.make_layerwise_step(_toy_loss, tx, weight_dtype=jnp.int8)
+  with pytest.raises(ValueError, match="2-D kernel"):
+    lw.dense(jnp.ones((2, 3)), jnp.ones((3,)))
+  stacked = {"blocks": wq.quantize_weight(jnp.ones((2, 8, 16)))}
+  with pytest.raises(ValueError, match="stored in int8"):
+    lw.make_layerwise_step(lambda p, b: 0.0, tx,
+                           per_layer=["blocks"]).init(stacked)
