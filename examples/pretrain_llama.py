@@ -564,10 +564,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   if args.out_dir is None:
     args.out_dir = os.path.join(
         "runs", f"{args.optimizer}-{_model_tag(args.model)}")
-  if args.weights == "int8" and is_layerwise(args.optimizer):
-    raise SystemExit("--weights int8 works with ordinary train steps; the "
-                     "per-layer (_layerwise) steps do not support int8 "
-                     "weights yet.")
   if args.data is not None and len(args.data) == 1:
     args.data = args.data[0]
   elif args.data == []:
@@ -697,15 +693,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # exists (galore_torch's per-layer mode). A global norm does not exist
     # yet at that point: clipping is per leaf; accumulation is done by the
     # step in the low-rank space.
+    # int8 leaves are dequantised inside each layer and rounded back inside
+    # the backward pass (keys as in the ordinary step).
     lw = galore_layerwise.make_layerwise_step(
         loss_of, tx, clip_norm=args.max_grad_norm or None,
-        accumulate_steps=args.grad_accum, donate=False, jit=False)
-    opt_init, core_step = lw.init, lw.step
+        accumulate_steps=args.grad_accum, weight_dtype=dtype, donate=False,
+        jit=False)
+    core_step = lw.step
+    opt_init = lw.init
     if args.max_grad_norm > 0:
       print(f"layer-wise updates: gradients clipped to norm "
             f"{args.max_grad_norm:g} per leaf, not globally.")
   else:
-    opt_init = tx.init
+    opt_init = lambda stored: tx.init(dequantize(stored))
 
     def core_step(stored, opt_state, batch, key=None):
       params = dequantize(stored)
@@ -718,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             stored, updates, key=key), opt_state, loss
       return optax.apply_updates(params, updates), opt_state, loss
 
-  opt_abstract = jax.eval_shape(opt_init, params_abstract)
+  opt_abstract = jax.eval_shape(opt_init, stored_abstract)
   weights_msg = ""
   if int8_weights:
     n_int8 = sum(int(np.prod(x.codes.shape)) for x in jax.tree.leaves(
@@ -831,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             config, rngs=args.seed, **model_kw))),
         out_shardings=param_sh, **jit_kw)
     params = init()
-    opt_state = jax.jit(lambda p: opt_init(dequantize(p)),
+    opt_state = jax.jit(opt_init,
                         out_shardings=opt_sh, **jit_kw)(params)
 
   def save(step: int, elapsed: float) -> None:

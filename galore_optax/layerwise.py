@@ -39,6 +39,19 @@ What the step supports:
   XLA (checked on CPU) keeps a copy of every donated weight for the whole
   step. Likewise ``embedding_lookup(table, ids)`` for embeddings, whose
   gradient table is then created only when the gradient arrives;
+* int8 weights: ``weight_quantization.QuantizedWeight`` leaves of
+  ``params`` are dequantised to ``weight_dtype`` for the model and the
+  optimizer, and each is rounded back inside the backward pass
+  (``weight_quantization.apply_update``; stochastic with
+  ``fold_in(key, i)`` for the i-th int8 leaf when the step gets ``key``,
+  as ``weight_quantization.apply_updates``). Inside ``call_layer`` the
+  layer dequantises them itself (forward and recomputation), so no
+  dequantised weight is kept from the forward to the backward pass;
+  ``embedding_lookup`` dequantises only the looked-up rows and ``dense``
+  the kernel inside the product. int8 leaves cannot be ``per_layer``;
+* ``dense(x, kernel)``: the kernel's gradient ``x^T dy`` is made one row
+  block at a time inside the kernel's ``row_chunks`` update (a large head
+  never has its whole gradient in memory);
 * scanned layer stacks as written (``nnx.scan``/``lax.scan`` over stacked
   weights): correct, the stacked leaf is hooked as a whole, so its gradient is
   the full stacked gradient before its update (no per-layer memory saving for
@@ -608,9 +621,12 @@ class LayerwiseStep:
   Attributes:
     init: ``params -> LayerwiseState`` (eager; wrap it in ``jax.jit`` with
       ``out_shardings`` to place sharded states).
-    step: ``(params, opt_state, batch) -> (params, opt_state, loss)``, or
-      ``(params, opt_state, loss, aux)`` with ``has_aux``; jit-compiled
-      with ``params`` and ``opt_state`` donated unless asked otherwise.
+    step: ``(params, opt_state, batch, key=None) -> (params, opt_state,
+      loss)``, or ``(params, opt_state, loss, aux)`` with ``has_aux``;
+      jit-compiled with ``params`` and ``opt_state`` donated unless asked
+      otherwise. ``key`` (a PRNG key, e.g. ``fold_in(base, step)``) is the
+      stochastic-rounding key of int8 leaves; without it they round to
+      nearest. Float-only parameters ignore it.
     unpack_state: ``(opt_state, params) -> {name: LeafState}``, the ordinary
       (unpacked) optax states, e.g. to read counts or save checkpoints in
       optax form; ``params`` may be abstract.
@@ -962,10 +978,10 @@ def make_layerwise_step(
         # step. XLA:CPU still copies a weight gradient it laid out
         # transposed once.
         g_c = jax.lax.dynamic_slice_in_dim(g, c * rows, rows, axis=0)
-      key_c = None if key is None else (key, c * rows)
       new_p, new_s = update_packed(
           layout, i, g_c, jax.tree.map(lambda x: take(x, c), pk),
-          jax.tree.map(lambda x: take(x, c), sk), key_c)
+          jax.tree.map(lambda x: take(x, c), sk),
+          None if key is None else (key, c * rows))
       return (jax.tree.map(lambda x, v: put(x, v, c), pk, new_p),
               jax.tree.map(lambda x, v: put(x, v, c), sk, new_s))
 

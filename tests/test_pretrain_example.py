@@ -121,6 +121,8 @@ def test_short_run_writes_outputs_and_learns(shared, tmp_path):
     ("galore_adamw_8bit", {}), ("galore_adamw_layerwise", {}),
     # int8 weights, stochastic rounding: the keys come from the step.
     ("galore_adamw_8bit", {"--weights": "int8", "--param-dtype": "bfloat16"}),
+    # ... and rounded inside the per-layer step's backward pass.
+    ("galore_adamw_8bit_layerwise", {"--weights": "int8"}),
 ])
 def test_resume_reproduces_an_uninterrupted_run_exactly(
     shared, tmp_path, optimizer, extra):
@@ -254,10 +256,14 @@ def test_every_optimizer_runs(shared, tmp_path, optimizer):
   assert summary["train_step_traces"] == 1
 
 
-def test_int8_weights_learn_and_are_stored_in_int8(shared, tmp_path):
+@pytest.mark.parametrize("optimizer", ["galore_adamw_8bit",
+                                       "galore_adamw_8bit_layerwise"])
+def test_int8_weights_learn_and_are_stored_in_int8(shared, tmp_path,
+                                                   optimizer):
   out = tmp_path / "int8"
   summary = pretrain_llama.main(small_args(
-      shared, out, **{"--steps": 8, "--eval-every": 8, "--weights": "int8"}))
+      shared, out, **{"--steps": 8, "--eval-every": 8, "--weights": "int8",
+                      "--optimizer": optimizer}))
   assert summary["weights"] == "int8"
   assert summary["train_step_traces"] == 1
   _, train, evals = read_metrics(out)
@@ -267,9 +273,6 @@ def test_int8_weights_learn_and_are_stored_in_int8(shared, tmp_path):
   # Attention and MLP matrices: 1 byte + a scale per 64..128 values
   # instead of 4 bytes.
   assert summary["param_bytes"] < 0.7 * float_bytes
-  with pytest.raises(SystemExit, match="per-layer"):
-    pretrain_llama.parse_args(["--weights", "int8", "--optimizer",
-                               "galore_adamw_layerwise"])
 
 
 def test_optimizer_state_sizes_are_ordered(shared):
