@@ -385,9 +385,7 @@ def call_layer(f: Callable[[Any, Any], Any], carry: Any, params: Any) -> Any:
   ctx = _current()
   if ctx is None:
     return f(carry, params)
-  if any(ctx.hooked_index(x) is not None and
-         ctx.layout.quantized[ctx.hooked_index(x)]
-         for x in jax.tree.leaves(params)):
+  if any(ctx.is_quantized(x) for x in jax.tree.leaves(params)):
     return ctx.call_layer(f, carry, params)
   f_conv, consts = jax.closure_convert(f, carry, params)
   return _ordered_layer(f_conv, carry, params, *consts)
@@ -957,7 +955,8 @@ def make_layerwise_step(
     if layout.per_layer[i]:
       return jax.vmap(lambda *a: update_packed(layout, i, *a))(g, p, packed)
     nk = layout.chunks[i]
-    rows_total = layout.unit_avals[i].shape[0] * nk if layout.unit_avals[i].shape else 0
+    unit_shape = layout.unit_avals[i].shape
+    rows_total = unit_shape[0] * nk if unit_shape else 0
     if nk == 1:
       if callable(g):
         g = g(0, rows_total)
@@ -1022,41 +1021,21 @@ def make_layerwise_step(
 
   # -- the hooks ---------------------------------------------------------------
 
-  def make_hook(layout, i, ctx):
+  def make_hook(i, ctx):
+    """Identity on leaf ``i`` (an int8 leaf comes out dequantised); its
+    backward rule updates the leaf with the gradient it receives."""
 
     @jax.custom_vjp
-    def hook(p, s):
-      del s
-      return p
-
-    def fwd(p, s):
-      return p, (p, s)
-
-    def bwd(res, g):
-      p, s = res
-      ctx.reach_directly(i)
-      return update_leaf(layout, i, g, p, s)
-
-    hook.defvjp(fwd, bwd)
-    return hook
-
-  def make_quantized_hook(layout, i, ctx):
-    """Identity on the int8 weight: returns it dequantised (plain uses)."""
-
-    @jax.custom_vjp
-    def hook(carrier, s, key_data):
+    def hook(stored, s, key_data):
       del s, key_data
-      return leaf_value(layout, i, _from_carrier(carrier))
+      return ctx.value(i, stored)
 
-    def fwd(carrier, s, key_data):
-      return hook(carrier, s, key_data), (carrier, s, key_data)
+    def fwd(stored, s, key_data):
+      return hook(stored, s, key_data), (stored, s, key_data)
 
     def bwd(res, g):
-      carrier, s, key_data = res
       ctx.reach_directly(i)
-      new_q, new_s = update_leaf(layout, i, g, _from_carrier(carrier), s,
-                                 ctx.leaf_key(key_data))
-      return _to_carrier(new_q), new_s, _float0_tree(key_data)
+      return ctx.update(i, g, *res)
 
     hook.defvjp(fwd, bwd)
     return hook
@@ -1091,6 +1070,10 @@ def make_layerwise_step(
     def hooked_index(self, x) -> int | None:
       return self.hooked.get(id(x))
 
+    def is_quantized(self, x) -> bool:
+      i = self.hooked_index(x)
+      return i is not None and self.layout.quantized[i]
+
     def take(self, i: int):
       """Leaf ``i``'s (stored value, packed state, key data), consumed once."""
       if i in self.taken:
@@ -1115,12 +1098,15 @@ def make_layerwise_step(
         return None
       return jax.random.wrap_key_data(key_data, impl=self.key_impl)
 
-    def value(self, i, stored, tie):
-      """Leaf ``i``'s float value; an int8 leaf's scale is tied to ``tie``."""
+    def value(self, i, stored, tie=None):
+      """Leaf ``i``'s float value; an int8 leaf's scale is tied to ``tie``
+      (a zero that orders the dequantisation after what it depends on)."""
       if not self.layout.quantized[i]:
         return stored
       q = _from_carrier(stored)
-      return leaf_value(self.layout, i, q._replace(scale=q.scale + tie))
+      if tie is not None:
+        q = q._replace(scale=q.scale + tie)
+      return leaf_value(self.layout, i, q)
 
     def update(self, i, g, stored, packed, key_data):
       """Cotangents (new stored value, new packed state, key) of leaf i."""
@@ -1156,9 +1142,8 @@ def make_layerwise_step(
     backward pass. Their gradients go straight to their updates.
     """
     p_leaves, pdef = jax.tree.flatten(params)
-    index = [ctx.hooked_index(x) for x in p_leaves]
-    is_q = [i is not None and ctx.layout.quantized[i] for i in index]
-    q_ids = [i for i, q in zip(index, is_q) if q]
+    is_q = [ctx.is_quantized(x) for x in p_leaves]
+    q_ids = [ctx.hooked_index(x) for x, q in zip(p_leaves, is_q) if q]
     q_inputs = [ctx.take(i) for i in q_ids]
     f_conv, consts = jax.closure_convert(f, carry, params)
 
@@ -1403,10 +1388,8 @@ def make_layerwise_step(
       for i, x in enumerate(leaves):
         if layout.per_layer[i]:
           h = x
-        elif layout.quantized[i]:
-          h = make_quantized_hook(layout, i, ctx)(x, packed[i], key_data[i])
         else:
-          h = make_hook(layout, i, ctx)(x, packed[i])
+          h = make_hook(i, ctx)(x, packed[i], key_data[i])
         ctx.hooked[id(h)] = i  # `hooked` keeps h alive, so ids stay unique
         hooked.append(h)
       with _activate(ctx):
