@@ -143,14 +143,20 @@ def peak_buffers(dump_dir: str, top: int) -> list[tuple[str, int]]:
   m = re.search(r"Live ranges at \d+ \(peak\):\n(.*?)\n  \S", text, re.S)
   if not m:
     return []
-  # The step's arguments are counted apart (args); list temporaries only.
-  hlo = open(live_range.replace("-live-range.txt", ".txt")).read()
-  entry = hlo[hlo.index("\nENTRY"):]
-  args = set(re.findall(r"%([\w.\-]+) = \S+ parameter\(", entry))
+  # The step's arguments are counted apart (args); list temporaries only:
+  # drop every value that lives in an argument's buffer (a donated weight
+  # updated in place, a loop carrying it), not only the parameters.
+  assignment = open(live_range.replace("-live-range.txt",
+                                       "-buffer-assignment.txt")).read()
+  in_args = set()
+  for allocation in re.split(r"\nallocation \d+: ", assignment)[1:]:
+    if ", parameter " in allocation.split("\n", 1)[0]:
+      in_args.update(re.findall(r"value: <\d+ ([\w.\-]+)", allocation))
   rows = re.findall(r"^\s+([\w.\-]+)\{[\d,]*\}: (\d+) bytes", m.group(1),
                     re.M)
-  rows = [(n, int(b)) for n, b in rows if n not in args]
-  return sorted(rows, key=lambda r: -r[1])[:top]
+  rows = sorted(((n, int(b)) for n, b in rows if n not in in_args),
+                key=lambda r: -r[1])
+  return rows[:top]
 
 
 @dataclasses.dataclass

@@ -286,6 +286,21 @@ def _normal_init(config: transformers.PretrainedConfig) -> nnx.Initializer:
   return nnx.initializers.normal(getattr(config, "initializer_range", 0.02))
 
 
+class Linear(nnx.Linear):
+  """``nnx.Linear`` whose product goes through ``layerwise.dense``.
+
+  The same parameters and result as ``nnx.Linear`` (default precision);
+  inside a per-layer step the kernel is updated in the product's backward
+  rule, so its gradient exists only while its update runs.
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = layerwise.dense(x, self.kernel[...], dtype=self.dtype)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    return y
+
+
 def _linear(
     in_features: int,
     out_features: int,
@@ -298,7 +313,7 @@ def _linear(
 ) -> nnx.Linear:
   # HF initialises every LLaMA linear and embedding with
   # N(0, initializer_range); GaLore's experiments start from that init.
-  return nnx.Linear(
+  return Linear(
       in_features,
       out_features,
       use_bias=use_bias,
@@ -590,8 +605,8 @@ class LlamaModel(nnx.Module):
                                    input_ids)
     if self.embed_tokens.dtype is not None:
       h = h.astype(self.embed_tokens.dtype)
-    apply = _apply_layer_remat if self.remat else _apply_layer
     if self.scan_layers:
+      apply = _apply_layer_remat if self.remat else _apply_layer
 
       @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
       def run(layer: LlamaDecoderLayer, x: jax.Array) -> jax.Array:
@@ -600,12 +615,13 @@ class LlamaModel(nnx.Module):
       h = run(self.layers, h)
     else:
       for layer in self.layers:
-        # call_layer is the plain call outside a per-layer step; inside one
-        # it orders each weight's update after its last read (no copies).
+        # call_layer is the plain call (checkpointed if remat) outside a
+        # per-layer step; inside one it recomputes the layer and updates
+        # each weight as soon as its gradient exists.
         layer_def, layer_params = nnx.split(layer)
         h = layerwise.call_layer(
-            lambda x, p, d=layer_def: apply(nnx.merge(d, p), x, cos, sin,
-                                            mask), h, layer_params)
+            lambda x, p, *a, d=layer_def: _apply_layer(nnx.merge(d, p), x, *a),
+            h, layer_params, cos, sin, mask, remat=self.remat)
     return self.norm(h)
 
 
@@ -668,10 +684,9 @@ class LlamaForCausalLM(nnx.Module):
         input_ids, positions=positions, attention_mask=attention_mask)
     if self.tie_word_embeddings:
       return self.model.embed_tokens.attend(h)
-    # nnx.Linear's product (no bias); inside a per-layer step the head's
-    # gradient is made and consumed one row block at a time.
-    return layerwise.dense(h, self.lm_head.kernel[...],
-                           dtype=self.lm_head.dtype)
+    # Inside a per-layer step the head's gradient is made and consumed one
+    # row block at a time (Linear goes through layerwise.dense).
+    return self.lm_head(h)
 
 
 # ---------------------------------------------------------------------------

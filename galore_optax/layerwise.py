@@ -33,12 +33,16 @@ What the step supports:
 
 * ordinary (unrolled) models: each leaf is updated as soon as its gradient is
   complete (a leaf used several times is updated once, with the sum). Run
-  each layer through ``call_layer(f, carry, layer_params)`` (the plain call
-  outside a layer-wise step) so that a weight's in-place update is ordered
-  after the layer's input gradient, which reads the same weight; without it
-  XLA (checked on CPU) keeps a copy of every donated weight for the whole
-  step. Likewise ``embedding_lookup(table, ids)`` for embeddings, whose
-  gradient table is then created only when the gradient arrives;
+  each layer through ``call_layer(f, carry, layer_params, *args)`` (the
+  plain call outside a layer-wise step) and its products through
+  ``dense(x, kernel)``: the layer is recomputed when its output gradient
+  arrives, and each kernel is updated inside its product's backward rule,
+  after the input gradient that reads it and before the next product's
+  weight gradient is made, so a layer's weight gradients exist one at a
+  time. Without ``call_layer`` XLA (checked on CPU) keeps a copy of every
+  donated weight for the whole step. Likewise ``embedding_lookup(table,
+  ids)`` for embeddings, whose gradient is created only when it arrives
+  (one row block at a time for a ``row_chunks`` or int8 table);
 * int8 weights: ``weight_quantization.QuantizedWeight`` leaves of
   ``params`` are dequantised to ``weight_dtype`` for the model and the
   optimizer, and each is rounded back inside the backward pass
@@ -49,9 +53,9 @@ What the step supports:
   dequantised weight is kept from the forward to the backward pass;
   ``embedding_lookup`` dequantises only the looked-up rows and ``dense``
   the kernel inside the product. int8 leaves cannot be ``per_layer``;
-* ``dense(x, kernel)``: the kernel's gradient ``x^T dy`` is made one row
-  block at a time inside the kernel's ``row_chunks`` update (a large head
-  never has its whole gradient in memory);
+* ``dense(x, kernel)``: the kernel's gradient ``x^T dy`` is made inside the
+  kernel's update, one row block at a time for a ``row_chunks`` leaf (a
+  large head never has its whole gradient in memory);
 * scanned layer stacks as written (``nnx.scan``/``lax.scan`` over stacked
   weights): correct, the stacked leaf is hooked as a whole, so its gradient is
   the full stacked gradient before its update (no per-layer memory saving for
@@ -121,6 +125,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Union
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -223,8 +228,14 @@ def _pack_array(x: jax.Array) -> jax.Array:
   raise TypeError(f"Cannot pack optimizer state of dtype {dtype}.")
 
 
-def _unpack_array(y: jax.Array, spec: Any) -> jax.Array:
-  """Inverse of ``_pack_array`` given the original shape and dtype."""
+def _unpack_array(y: jax.Array, spec: Any,
+                  after: jax.Array | None = None) -> jax.Array:
+  """Inverse of ``_pack_array`` given the original shape and dtype.
+
+  ``after``: a zero scalar; an integer array is then unpacked only once it
+  is computed (XLA:CPU materialises the bit-cast of 8-bit codes, and would
+  otherwise do it for every leaf at the start of the step and keep them).
+  """
   dtype = jnp.dtype(spec.dtype)
   if jnp.issubdtype(dtype, jnp.inexact):
     return y
@@ -237,6 +248,8 @@ def _unpack_array(y: jax.Array, spec: Any) -> jax.Array:
     x = x.reshape(*x.shape[:-2], x.shape[-2] * 4)
     n = spec.shape[-1] if spec.shape else 1
     x = x[..., :n].reshape(spec.shape)
+  if after is not None:
+    x = x + after.astype(storage)  # an integer zero: exact
   if dtype == jnp.bool_:
     return x != 0
   return x
@@ -360,35 +373,57 @@ def scan_layers(f: Callable[[Any, Any], Any], carry: Any, layers: Any) -> Any:
   return ctx.scan(f, carry, leaves, ldef)
 
 
-def call_layer(f: Callable[[Any, Any], Any], carry: Any, params: Any) -> Any:
-  """Applies one (unrolled) layer, ``f(carry, params)``.
+def call_layer(f: Callable[..., Any], carry: Any, params: Any, *args: Any,
+               remat: bool = False) -> Any:
+  """Applies one (unrolled) layer, ``f(carry, params, *args)``.
 
-  Outside a layer-wise step this is ``f(carry, params)``. Inside a step
-  from ``make_layerwise_step`` the layer is recomputed in the backward pass
-  (activation checkpointing) and its parameters' gradients are made to
-  depend on the gradient of ``carry``. Reason: a weight ``W`` is read by
-  the input-gradient product (``dx = dy W^T``) and overwritten in place by
-  its update, which otherwise depends only on ``dW``; with nothing ordering
-  the two, XLA:CPU keeps a copy of every donated weight for the whole step.
-  The dependency (adding ``0 * nan_to_num(sum(dx))``, exact for finite and
-  non-finite ``dx``) orders the update after the read and removes the copy.
+  Outside a layer-wise step this is ``f(carry, params, *args)`` (under
+  ``jax.checkpoint`` if ``remat``). Inside a step from
+  ``make_layerwise_step`` the layer is always recomputed in the backward
+  pass (activation checkpointing), when its output gradient arrives, and
+  its weights are updated inside that backward pass in an order that lets
+  XLA reuse memory:
+
+  * a kernel that ``f`` multiplies through ``dense`` is updated inside that
+    product's backward rule, one weight at a time: its gradient is made,
+    consumed by its update and freed before the layer's backward pass goes
+    on to the products below (only the inputs of the layer are saved);
+  * every other weight of ``params`` gets its gradient at the end of the
+    layer's backward pass, with the update ordered after the layer's input
+    gradient (``dx = dy W^T`` reads the old ``W``; without that order
+    XLA:CPU keeps a copy of every donated weight for the whole step). The
+    order comes from adding ``0 * nan_to_num(sum(dx))``, exact for any
+    ``dx``.
+
+  The step's leaves in ``params`` must not be used anywhere else in the loss
+  (the step raises at trace time if one is). Pass the layer's other traced
+  inputs (rotary tables, masks) as ``args`` rather than closing over them:
+  ``f`` may close over traced arrays (they are hoisted with
+  ``jax.closure_convert``), but then ``dense`` inside it is a plain product
+  and the layer's kernels are updated at the end of its backward pass.
 
   Args:
-    f: ``(carry, params) -> carry``.
+    f: ``(carry, params, *args) -> carry``.
     carry: the layer input (e.g. hidden states).
     params: the layer's parameters (a tree of the step's parameter leaves,
-      e.g. ``nnx.split(layer)[1]``); ``f`` may close over other arrays.
+      e.g. ``nnx.split(layer)[1]``).
+    *args: other inputs of the layer (arrays or trees of arrays).
+    remat: outside a step, checkpoint ``f`` (inside one it is always
+      recomputed).
 
   Returns:
-    ``f(carry, params)``.
+    ``f(carry, params, *args)``.
   """
   ctx = _current()
-  if ctx is None:
-    return f(carry, params)
-  if any(ctx.is_quantized(x) for x in jax.tree.leaves(params)):
-    return ctx.call_layer(f, carry, params)
-  f_conv, consts = jax.closure_convert(f, carry, params)
-  return _ordered_layer(f_conv, carry, params, *consts)
+  if ctx is None or ctx.inside_layer:
+    # Inside another layer's recomputation the outer layer already orders
+    # the updates; run the plain function.
+    fn = jax.checkpoint(f) if remat and ctx is None else f
+    return fn(carry, params, *args)
+  if any(ctx.hooked_index(x) is not None for x in jax.tree.leaves(params)):
+    return ctx.call_layer(f, carry, params, args)
+  f_conv, consts = jax.closure_convert(f, carry, params, *args)
+  return _ordered_layer(f_conv, carry, params, *args, *consts)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -398,6 +433,14 @@ def _ordered_layer(f, carry, params, *consts):
 
 def _ordered_layer_fwd(f, carry, params, *consts):
   return f(carry, params, *consts), (carry, params, consts)
+
+
+def _traced_here(x: Any) -> bool:
+  """Whether ``x`` is a tracer of the trace now running (not one closed over
+  from an outer trace, as an array used inside a ``lax.scan`` body is)."""
+  # jax has no public accessor for the current trace.
+  from jax._src import core  # pylint: disable=g-import-not-at-top
+  return getattr(x, "_trace", None) is core.trace_ctx.trace
 
 
 def _zero_tie(tree: Any) -> jax.Array:
@@ -538,6 +581,11 @@ def _float0_tree(tree: Any) -> Any:
 # int8 codes travel through the backward pass (as cotangents, which must be
 # floating point) bit-cast to float8: same width, so XLA emits no copy.
 _CARRIER_DTYPE = jnp.float8_e4m3fn
+
+# int8 leaves are re-quantised this many values at a time (same bits as at
+# once): the float32 intermediates and rounding noise of a LLaMA-7B MLP
+# weight (45M values) are otherwise several 172 MiB buffers.
+_ROUND_BLOCK_ELEMENTS = 1 << 22
 
 
 def _to_carrier(q: weight_quantization.QuantizedWeight) -> Any:
@@ -885,9 +933,9 @@ def make_layerwise_step(
                              opt_state, new_state)
     if layout.quantized[i]:
       key, row_offset = key if key is not None else (None, 0)
-      return (weight_quantization.apply_update(p, u, key=key,
-                                               row_offset=row_offset),
-              new_state)
+      return (weight_quantization.apply_update(
+          p, u, key=key, row_offset=row_offset,
+          block_elements=_ROUND_BLOCK_ELEMENTS), new_state)
     return optax.apply_updates(p, u), new_state
 
   def update_unit(layout: _Layout, i: int, g: jax.Array, p: Any,
@@ -939,7 +987,9 @@ def make_layerwise_step(
     return new_p, LeafState(opt_state, acc, mini)
 
   def update_packed(layout, i, g, p, packed, key=None):
-    st = unpack_state(packed, layout.specs[i])
+    after = _zero_tie(g)
+    st = jax.tree.map(lambda y, spec: _unpack_array(y, spec, after), packed,
+                      layout.specs[i])
     new_p, new_st = update_unit(layout, i, g, p, st, key)
     return new_p, pack_state(new_st)
 
@@ -1060,6 +1110,34 @@ def make_layerwise_step(
       self.consumed: set[int] = set()
       self.hooked: dict[int, int] = {}  # id(hook output) -> leaf index
       self.taken: set[int] = set()  # leaves consumed by dense & co.
+      # Inside a call_layer's layer: id(weight seen by the layer) -> (leaf
+      # index, its (stored, packed, key data) inputs), and the leaves that
+      # a dense product has updated.
+      self.local: dict[int, tuple[int, Any]] | None = None
+      self.local_dense: set[int] = set()
+      # A zero tied to the last kernel update made by a dense product in the
+      # current layer's backward pass: the next one waits for it, so the
+      # layer's weight gradients exist one at a time.
+      self.order_token: jax.Array | None = None
+
+    @property
+    def inside_layer(self) -> bool:
+      return self.local is not None
+
+    @contextlib.contextmanager
+    def layer_scope(self, weights, ids, inputs):
+      """Registers a layer's weights for ``dense`` while ``f`` is traced;
+      yields the set of leaves that ``dense`` consumed."""
+      saved = self.local, self.local_dense
+      self.local = {id(w): (i, inp) for w, i, inp in zip(weights, ids, inputs)}
+      self.local_dense = set()
+      try:
+        # The recomputation runs in the backward pass, after the loss's
+        # trace has left the step's context: enter it again.
+        with _activate(self):
+          yield self.local_dense
+      finally:
+        self.local, self.local_dense = saved
 
     def is_registered(self, x):
       return id(x) in self.registry
@@ -1118,69 +1196,121 @@ def make_layerwise_step(
       new_p, new_s = update_leaf(self.layout, i, g, stored, packed)
       return new_p, new_s, _float0_tree(key_data)
 
-    def call_layer(self, f, carry, params):
-      return _call_layer_quantized(self, f, carry, params)
+    def call_layer(self, f, carry, params, args):
+      return _call_layer(self, f, carry, params, args)
 
     def dense(self, x, kernel, dtype):
+      if self.inside_layer:
+        if id(kernel) not in self.local or not _traced_here(kernel):
+          # Not a weight of this layer, or a product inside an inner
+          # transformation of the layer (scan, cond): a plain product whose
+          # gradient goes to the weight's update at the layer's end.
+          return None
+        i, inputs = self.local[id(kernel)]
+        if i in self.local_dense:
+          raise ValueError(
+              f"Parameter {self.layout.names[i]!r} is multiplied by more "
+              "than one layerwise.dense call in its layer; each kernel must "
+              "be used by one dense product only.")
+        self.local_dense.add(i)
+        return _dense_update(self, i, x, dtype, inputs)
       i = self.hooked_index(kernel)
-      if i is None or self.layout.per_layer[i] or kernel.ndim != 2:
+      if i is None or self.layout.per_layer[i]:
         return None
-      return _dense_update(self, i, x, dtype)
+      return _dense_update(self, i, x, dtype, self.take(i))
 
     def embedding_lookup(self, table, ids):
       i = self.hooked_index(table)
-      if i is None or not self.layout.quantized[i]:
+      if i is None or not (self.layout.quantized[i] or
+                           self.layout.chunks[i] > 1):
         return None
-      return _lookup_quantized(self, i, ids)
+      return _lookup_rows(self, i, ids)
 
-  def _call_layer_quantized(ctx, f, carry, params):
-    """``call_layer`` for a layer holding int8 leaves.
+  def _call_layer(ctx, f, carry, params, args):
+    """``call_layer`` inside a step (see its docstring).
 
-    The layer receives the int8 leaves (codes, scales) and dequantises them
-    itself, in the forward pass and again in the recomputation, so the
-    dequantised weights are never residuals kept from the forward to the
-    backward pass. Their gradients go straight to their updates.
+    The layer receives each of its leaves' (stored value, packed state, key
+    data) and makes the value the layer sees itself (an int8 leaf is
+    dequantised, in the forward pass and again in the recomputation), so no
+    dequantised weight is kept from the forward to the backward pass. A
+    kernel used through ``dense`` is updated by that product's backward
+    rule (its cotangents are the new stored value and state); the other
+    leaves get their gradients at the end and are updated here.
     """
     p_leaves, pdef = jax.tree.flatten(params)
-    is_q = [ctx.is_quantized(x) for x in p_leaves]
-    q_ids = [ctx.hooked_index(x) for x, q in zip(p_leaves, is_q) if q]
-    q_inputs = [ctx.take(i) for i in q_ids]
-    f_conv, consts = jax.closure_convert(f, carry, params)
+    ids = [ctx.hooked_index(x) for x in p_leaves]
+    is_h = [i is not None for i in ids]
+    h_ids = [i for i in ids if i is not None]
+    h_inputs = [ctx.take(i) for i in h_ids]
+    f_conv, consts = jax.closure_convert(f, carry, params, *args)
+    # ``f`` itself (not its traced copy) must run for ``dense`` to find the
+    # layer's weights; it can when it closes over no traced value.
+    layer_fn = f_conv if consts else f
 
-    def apply(c, others, weights, cs):
-      return f_conv(c, pdef.unflatten(_interleave(is_q, weights, others)), *cs)
+    def apply(c, others, weights, h_in, cs, by_dense=None):
+      with ctx.layer_scope(weights, h_ids, h_in) as used:
+        p = pdef.unflatten(_interleave(is_h, weights, others))
+        out = layer_fn(c, p, *cs)
+      if by_dense is not None:
+        by_dense.update(used)
+      return out
 
-    def weights_of(q_inputs, c):
+    def weights_of(h_in, c):
       tie = _zero_tie(c)
       return [ctx.value(i, stored, tie)
-              for i, (stored, _, _) in zip(q_ids, q_inputs)]
+              for i, (stored, _, _) in zip(h_ids, h_in)]
+
+    def check(c, others, h_in, cs):
+      """The leaves updated by ``dense``; raises if one is also used
+      directly by the layer (its update would miss that gradient)."""
+      by_dense = set()
+      weights = weights_of(h_in, c)
+      jaxpr = jax.make_jaxpr(functools.partial(apply, by_dense=by_dense))(
+          c, others, weights, h_in, cs).jaxpr
+      n_c, n_o = len(jax.tree.leaves(c)), len(jax.tree.leaves(others))
+      w_vars = jaxpr.invars[n_c + n_o:n_c + n_o + len(weights)]
+      read = {v for eqn in jaxpr.eqns for v in eqn.invars
+              if isinstance(v, jax.extend.core.Var)} | set(jaxpr.outvars)
+      for i, v in zip(h_ids, w_vars):
+        if i in by_dense and v in read:
+          raise ValueError(
+              f"Parameter {ctx.layout.names[i]!r} is multiplied by "
+              "layerwise.dense and also used otherwise in its layer; its "
+              "update would miss part of its gradient. Use it in one place.")
+      return by_dense
 
     @jax.custom_vjp
-    def run(c, others, q_inputs, cs):
-      return apply(c, others, weights_of(q_inputs, c), cs)
+    def run(c, others, h_in, cs):
+      return apply(c, others, weights_of(h_in, c), h_in, cs)
 
-    def run_fwd(c, others, q_inputs, cs):
-      return run(c, others, q_inputs, cs), (c, others, q_inputs, cs)
+    def run_fwd(c, others, h_in, cs):
+      check(c, others, h_in, cs)
+      return run(c, others, h_in, cs), (c, others, h_in, cs)
 
     def run_bwd(res, ct):
-      c, others, q_inputs, cs = res
+      c, others, h_in, cs = res
       # Recompute from an input tied to the output cotangent (see
-      # _ordered_layer_bwd); the weights are dequantised from it.
+      # _ordered_layer_bwd); the weights are made from it.
       c = _add_tie(c, _zero_tie(ct))
-      weights = weights_of(q_inputs, c)
-      _, vjp = jax.vjp(apply, c, others, weights, cs)
-      ct_c, ct_others, ct_w, ct_cs = vjp(ct)
+      weights = weights_of(h_in, c)
+      by_dense = set()
+      _, vjp = jax.vjp(functools.partial(apply, by_dense=by_dense), c, others,
+                       weights, h_in, cs)
+      ctx.order_token = _zero_tie(ct)
+      ct_c, ct_others, ct_w, ct_h, ct_cs = vjp(ct)
+      ctx.order_token = None
       tie = _zero_tie(ct_c)
       ct_others = _add_tie(ct_others, tie)
-      q_cts = [ctx.update(i, g + tie.astype(g.dtype), *q_in)
-               for i, g, q_in in zip(q_ids, ct_w, q_inputs)]
-      return ct_c, ct_others, q_cts, ct_cs
+      new_h = [ct_h[j] if i in by_dense else
+               ctx.update(i, g + tie.astype(g.dtype), *h_in[j])
+               for j, (i, g) in enumerate(zip(h_ids, ct_w))]
+      return ct_c, ct_others, new_h, ct_cs
 
     run.defvjp(run_fwd, run_bwd)
-    others = [x for x, q in zip(p_leaves, is_q) if not q]
-    return run(carry, others, q_inputs, list(consts))
+    others = [x for x, h in zip(p_leaves, is_h) if not h]
+    return run(carry, others, h_inputs, [*args, *consts])
 
-  def _dense_update(ctx, i, x, dtype):
+  def _dense_update(ctx, i, x, dtype, inputs):
     """``x @ kernel`` whose backward updates the kernel (leaf ``i``).
 
     The kernel's gradient ``x^T dy`` is made one row block at a time inside
@@ -1188,7 +1318,7 @@ def make_layerwise_step(
     the input gradient ``dy kernel^T`` is computed first, from the old
     kernel, and the in-place update is ordered after it.
     """
-    stored, packed, key_data = ctx.take(i)
+    stored, packed, key_data = inputs
 
     @jax.custom_vjp
     def run(x, stored, packed, key_data):
@@ -1200,34 +1330,52 @@ def make_layerwise_step(
 
     def run_bwd(res, dy):
       x, stored, packed, key_data = res
+      if ctx.order_token is not None:
+        dy = dy + ctx.order_token.astype(dy.dtype)
       w = ctx.value(i, stored, _zero_tie(dy))
       (dx,) = jax.vjp(lambda x_: _matmul(x_, w, dtype), x)[1](dy)
       dy = _add_tie(dy, _zero_tie(dx))
       w_aval = ctx.layout.unit_avals[i]
 
       def grad_rows(start, rows):
+        # x_rows^T dy written as the (rows, d_out) product itself (the
+        # transpose rule of the product makes XLA:CPU compute its transpose
+        # in float32 and copy it back: two more weight-sized buffers).
         x_rows = jax.lax.dynamic_slice_in_dim(x, start, rows, axis=x.ndim - 1)
-        zeros = jnp.zeros((rows, *w_aval.shape[1:]), w.dtype)
-        (g,) = jax.vjp(lambda w_: _matmul(x_rows, w_, dtype), zeros)[1](dy)
-        return g
+        lead = tuple(range(x.ndim - 1))
+        cd = dtype or jnp.result_type(x, w)
+        g = jax.lax.dot_general(x_rows.astype(cd), dy.astype(cd),
+                                ((lead, lead), ((), ())))
+        return g.astype(w.dtype)
 
-      return (dx, *ctx.update(i, grad_rows, stored, packed, key_data))
+      new = ctx.update(i, grad_rows, stored, packed, key_data)
+      # What comes next waits for the update (so only this kernel's
+      # gradient and update buffers are live): the input gradient, and in a
+      # layer's backward pass the next dense product.
+      done = _zero_tie(new[0])
+      if ctx.order_token is not None:
+        ctx.order_token = done
+      return (_add_tie(dx, done), *new)
 
     run.defvjp(run_fwd, run_bwd)
     return run(x, stored, packed, key_data)
 
-  def _lookup_quantized(ctx, i, ids):
-    """``table[ids]`` of an int8 table: only the looked-up rows are dequantised;
-    the gradient is scattered one row block at a time inside the update."""
+  def _lookup_rows(ctx, i, ids):
+    """``table[ids]`` of an int8 or row-chunked table: only the looked-up
+    rows are read (an int8 table's dequantised); the gradient is scattered
+    one row block at a time inside the update, never as a whole table."""
     stored, packed, key_data = ctx.take(i)
+    dtype = ctx.layout.unit_avals[i].dtype
 
     @jax.custom_vjp
     def run(stored, packed, key_data, ids):
       del packed, key_data
+      if not ctx.layout.quantized[i]:
+        return jnp.take(stored, ids, axis=0)
       q = _from_carrier(stored)
       rows = weight_quantization.QuantizedWeight(
           jnp.take(q.codes, ids, axis=0), jnp.take(q.scale, ids, axis=0))
-      return weight_quantization.dequantize_weight(rows, weight_dtype)
+      return weight_quantization.dequantize_weight(rows, dtype)
 
     def run_fwd(stored, packed, key_data, ids):
       return run(stored, packed, key_data, ids), (stored, packed, key_data,
@@ -1235,14 +1383,14 @@ def make_layerwise_step(
 
     def run_bwd(res, ct):
       stored, packed, key_data, ids = res
-      ct = ct.astype(weight_dtype)
+      ct = ct.astype(dtype)
       width = ctx.layout.unit_avals[i].shape[1:]
-      tie = _zero_tie(ct).astype(weight_dtype)
+      tie = _zero_tie(ct).astype(dtype)
 
       def grad_rows(start, rows):
         inside = (ids >= start) & (ids < start + rows)
         local = jnp.where(inside, ids - start, rows)  # row `rows` is dropped
-        zeros = jnp.zeros((rows, *width), weight_dtype) + tie
+        zeros = jnp.zeros((rows, *width), dtype) + tie
         return zeros.at[local].add(ct, mode="drop")
 
       new = ctx.update(i, grad_rows, stored, packed, key_data)

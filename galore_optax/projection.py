@@ -150,9 +150,13 @@ def _contract(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
   Explicit sharding cannot infer where a partial sum over a sharded axis
   should live, so the (small) result is asked for replicated.
   """
+  # Float32 products of any operand dtypes: a bf16 gradient is read as it
+  # is (converting it first would make a float32 copy of the whole matrix).
+  f32 = jnp.float32
   if _explicitly_sharded(a) or _explicitly_sharded(b):
-    return jnp.einsum(subscripts, a, b, out_sharding=PartitionSpec())
-  return jnp.einsum(subscripts, a, b)
+    return jnp.einsum(subscripts, a, b, out_sharding=PartitionSpec(),
+                      preferred_element_type=f32)
+  return jnp.einsum(subscripts, a, b, preferred_element_type=f32)
 
 
 def _eye_columns(rows: int, cols: int, batch_shape: tuple[int, ...]):
@@ -365,12 +369,12 @@ def refresh_projector(
 
 def project(grad: jax.Array, projector: Projector, plan: LeafPlan) -> jax.Array:
   """Projects a full gradient into the low-rank space, in float32."""
-  x = grad.astype(jnp.float32)
+  x = grad
   if plan.use_left:
     x = _contract("...mr,...mn->...rn", projector.left.astype(jnp.float32), x)
   if plan.use_right:
     x = _contract("...mn,...rn->...mr", x, projector.right.astype(jnp.float32))
-  return x
+  return x.astype(jnp.float32)
 
 
 def project_back(lowrank: jax.Array, projector: Projector,

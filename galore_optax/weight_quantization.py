@@ -209,9 +209,21 @@ def dequantize_weight(q: QuantizedWeight,
   return _ungrouped(x, q.codes).astype(dtype)
 
 
+def _row_blocks(rows: int, width: int, block_elements: int | None) -> int:
+  """The fewest blocks of equal row count with at most ``block_elements``
+  values each (1 when unlimited or one row is already larger)."""
+  if block_elements is None or rows * width <= block_elements:
+    return 1
+  for k in range(2, rows + 1):
+    if rows % k == 0 and (rows // k) * width <= block_elements:
+      return k
+  return 1
+
+
 def apply_update(q: QuantizedWeight, update: jax.Array, *,
                  key: jax.Array | None = None,
-                 row_offset: int | jax.Array = 0) -> QuantizedWeight:
+                 row_offset: int | jax.Array = 0,
+                 block_elements: int | None = None) -> QuantizedWeight:
   """Adds ``update`` to the weight stored in ``q`` and re-quantises it.
 
   The new scales come from the sum; ``w / s'`` is computed as
@@ -228,6 +240,11 @@ def apply_update(q: QuantizedWeight, update: jax.Array, *,
     row_offset: index of ``q``'s first row in the whole weight, when ``q``
       is a block of rows of it (row-blocked updates then draw the bits of
       the whole-weight update).
+    block_elements: if set, re-quantise at most this many values at a time,
+      in a loop over blocks of rows (the float32 intermediates and rounding
+      noise then exist for one block; the result is the same bits). The
+      loop slices rows, so a row-sharded weight would be gathered: meant
+      for single-device memory savings (the per-layer step uses it).
 
   Returns:
     The new ``QuantizedWeight`` (same shapes and dtypes).
@@ -238,6 +255,32 @@ def apply_update(q: QuantizedWeight, update: jax.Array, *,
   if update.shape != q.codes.shape:
     raise ValueError(f"update shape {update.shape} does not match the "
                      f"quantised weight's {q.codes.shape}.")
+  width = q.codes.shape[-1] if q.codes.ndim else 1
+  rows = q.codes.size // width
+  k = _row_blocks(rows, width, block_elements)
+  if k == 1:
+    return _apply_update_rows(q, update, key, row_offset)
+  b = rows // k
+  flat = lambda x: x.reshape(rows, x.shape[-1])
+  codes, scale, update = flat(q.codes), flat(q.scale), flat(update)
+
+  def body(j, carry):
+    codes, scale = carry
+    start = j * b
+    cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, b)
+    new = _apply_update_rows(QuantizedWeight(cut(codes), cut(scale)),
+                             cut(update), key, row_offset + start)
+    put = jax.lax.dynamic_update_slice_in_dim
+    return put(codes, new.codes, start, 0), put(scale, new.scale, start, 0)
+
+  codes, scale = jax.lax.fori_loop(0, k, body, (codes, scale))
+  return QuantizedWeight(codes.reshape(q.codes.shape),
+                         scale.reshape(q.scale.shape))
+
+
+def _apply_update_rows(q: QuantizedWeight, update: jax.Array,
+                       key: jax.Array | None,
+                       row_offset: int | jax.Array) -> QuantizedWeight:
   group = q.codes.shape[-1] // q.scale.shape[-1]
   c = _grouped(q.codes, group).astype(jnp.float32)
   u = _grouped(update.astype(jnp.float32), group)

@@ -98,6 +98,26 @@ def test_zero_update_keeps_codes_and_scales_bit_for_bit():
     assert same.reshape(64, 4, 128)[untouched].all()
 
 
+def test_row_blocked_update_gives_the_same_bits():
+  """``block_elements`` re-quantises blocks of rows in a loop (noise is
+  drawn per row): the same codes and scales as all at once, also for a
+  block of rows of a larger weight (``row_offset``)."""
+  q = wq.quantize_weight(PARAMS["mlp"]["kernel"], group_size=100)  # (96, 300)
+  update = jax.random.normal(jax.random.key(3), q.codes.shape) * 1e-3
+  for key in (None, jax.random.key(4)):
+    # Both compiled (eager and compiled arithmetic may round differently).
+    apply = jax.jit(lambda q, u, b, key=key: wq.apply_update(
+        q, u, key=key, row_offset=5, block_elements=b), static_argnums=2)
+    whole = apply(q, update, None)
+    for block_elements in (300, 7 * 300, 32 * 300):  # 96, 16, 3 blocks
+      blocked = apply(q, update, block_elements)
+      np.testing.assert_array_equal(blocked.codes, whole.codes)
+      np.testing.assert_array_equal(blocked.scale, whole.scale)
+  assert wq._row_blocks(96, 300, 7 * 300) == 16  # 6 rows per block
+  assert wq._row_blocks(96, 300, 299) == 1  # one row is already larger
+  assert wq._row_blocks(96, 300, None) == 1
+
+
 def test_small_updates_survive_stochastic_rounding_not_nearest():
   """100 updates of 0.1 quantisation steps: nearest rounding loses them all."""
   w = PARAMS["attn"]["kernel"]
