@@ -45,6 +45,7 @@ ConfigLike = Any
 
 __all__ = [
     "PRESETS",
+    "Linear",
     "RMSNorm",
     "LlamaAttention",
     "LlamaMLP",

@@ -508,13 +508,16 @@ def dense(x: jax.Array, kernel: jax.Array, *,
 
   Outside a layer-wise step this is the product (what ``nnx.Linear``
   without bias computes, both operands cast to ``dtype`` if given). Inside
-  one, when ``kernel`` is a parameter leaf of the step, its backward pass
-  updates the kernel itself: the kernel's gradient ``x^T dy`` is made one
-  row block at a time inside the update (``row_chunks``), so a large
-  output layer's full gradient (LLaMA-7B's head: 500 MiB in float32) never
-  exists; an int8 kernel is dequantised inside the product. The kernel must
-  not be used anywhere else in the loss (a tied embedding, say): the step
-  raises at trace time if it is.
+  one, when ``kernel`` is a parameter leaf of the step (or, inside
+  ``call_layer``, one of the layer's weights), its backward pass updates
+  the kernel itself: the input gradient is computed from the old kernel,
+  then the kernel's gradient ``x^T dy`` is made inside the update (one row
+  block at a time for a ``row_chunks`` leaf, so a large output layer's full
+  gradient, LLaMA-7B's head: 500 MiB in float32, never exists), and what
+  follows in the backward pass waits for the update. An int8 kernel is
+  dequantised inside the product. The kernel must not be used anywhere
+  else in the loss (a tied embedding, say): the step raises at trace time
+  if it is.
 
   Args:
     x: ``(..., d_in)`` inputs.
