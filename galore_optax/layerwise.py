@@ -1264,8 +1264,8 @@ def make_layerwise_step(
               for i, (stored, _, _) in zip(h_ids, h_in)]
 
     def check(c, others, h_in, cs):
-      """The leaves updated by ``dense``; raises if one is also used
-      directly by the layer (its update would miss that gradient)."""
+      """Raises if a leaf updated by ``dense`` is also used directly by the
+      layer (its update would miss that gradient)."""
       by_dense = set()
       weights = weights_of(h_in, c)
       jaxpr = jax.make_jaxpr(functools.partial(apply, by_dense=by_dense))(
@@ -1280,7 +1280,6 @@ def make_layerwise_step(
               f"Parameter {ctx.layout.names[i]!r} is multiplied by "
               "layerwise.dense and also used otherwise in its layer; its "
               "update would miss part of its gradient. Use it in one place.")
-      return by_dense
 
     @jax.custom_vjp
     def run(c, others, h_in, cs):

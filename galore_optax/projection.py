@@ -150,8 +150,8 @@ def _contract(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
   Explicit sharding cannot infer where a partial sum over a sharded axis
   should live, so the (small) result is asked for replicated.
   """
-  # Float32 products of any operand dtypes: a bf16 gradient is read as it
-  # is (converting it first would make a float32 copy of the whole matrix).
+  # Float32 products of any operand dtypes: a bf16 gradient goes in as it is,
+  # so a backend may fuse the conversion (XLA:CPU still materialises it).
   f32 = jnp.float32
   if _explicitly_sharded(a) or _explicitly_sharded(b):
     return jnp.einsum(subscripts, a, b, out_sharding=PartitionSpec(),
