@@ -22,14 +22,18 @@ process (the models do not all fit in memory at once at 350M shapes).
 Run from the repository root::
 
     python -m benchmarks.step_time --model 60m --window 200
-    python -m benchmarks.step_time --model 350m --compile-only
+    python -m benchmarks.step_time --model 350m --compile-only --processes 5
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -73,6 +77,38 @@ def optimizers(rank: int, gap: int,
   }
 
 
+def compile_in_processes(args: argparse.Namespace, rank: int) -> None:
+  """Median compile time per optimizer, each compiled in fresh processes."""
+  _, params_abstract = nnx.split(
+      llama.abstract_model(llama.get_config(args.model)), nnx.Param)
+  names = args.only or list(
+      optimizers(rank, args.update_proj_gap, params_abstract))
+  samples = {name: [] for name in names}
+  for _ in range(args.processes):
+    for name in names:  # interleaved, so drift hits every optimizer alike
+      out = subprocess.run(
+          [sys.executable, "-m", "benchmarks.step_time", "--model",
+           args.model, "--rank", str(rank), "--update-proj-gap",
+           str(args.update_proj_gap), "--compile-only", "--only", name],
+          check=True, capture_output=True, text=True).stdout
+      row = next(line for line in out.splitlines()
+                 if line.startswith(name + " {"))
+      samples[name].append(
+          ast.literal_eval(row[len(name) + 1:])["compile_s"])
+  print(f"\nmachine: {platform.machine()}, {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}, jax {jax.__version__}, optax "
+        f"{optax.__version__}; LLaMA-{args.model} shapes, float32, batch "
+        f"1 x 256, rank {rank}, gap {args.update_proj_gap}; compile time "
+        f"of one train step, median of {args.processes} fresh processes")
+  base = statistics.median(samples.get("optax.adamw", [float("nan")]))
+  print("| optimizer | compile (s), median | / optax.adamw | samples (s) |")
+  print("|---|---:|---:|---|")
+  for name, xs in samples.items():
+    median = statistics.median(xs)
+    print(f"| {name} | {median:.2f} | {median / base:.2f}x | "
+          f"{', '.join(f'{x:.2f}' for x in xs)} |")
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="60m")
@@ -83,8 +119,21 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--compile-only", action="store_true")
   parser.add_argument("--only", nargs="*", default=None,
                       help="a subset of the optimizers, by name")
+  parser.add_argument("--processes", type=int, default=0,
+                      help="with --compile-only: compile each optimizer in "
+                      "this many fresh processes, in interleaved rounds, and "
+                      "report the median (a process's first compilation "
+                      "also pays one-time start-up costs)")
+  parser.add_argument("--times-json", default=None,
+                      help="write every step's time, per optimizer, here")
   args = parser.parse_args(argv)
   rank = args.rank or PAPER_RANKS[args.model]
+
+  if args.processes:
+    if not args.compile_only:
+      parser.error("--processes needs --compile-only")
+    compile_in_processes(args, rank)
+    return
 
   config = llama.get_config(args.model)
   model = llama.abstract_model(config)
@@ -97,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     makers = {k: v for k, v in makers.items() if k in args.only}
 
   rows = {}
+  step_times = {}
   for name, make in makers.items():
     tx = make()
 
@@ -121,12 +171,16 @@ def main(argv: list[str] | None = None) -> None:
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - start)
       window = times[1:]
+      step_times[name] = times
       row.update(first_s=times[0], median_s=statistics.median(window),
                  slowest_s=max(window),
                  amortised_s=sum(window) / len(window))
       del params, state
     rows[name] = row
     print(name, {k: round(v, 3) for k, v in row.items()}, flush=True)
+    if args.times_json:
+      with open(args.times_json, "w") as f:
+        json.dump(step_times, f)
 
   print(f"\nmachine: {platform.machine()}, {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}, optax "

@@ -29,12 +29,15 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
+
+from galore_optax import quantization
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PROJECTOR_METHODS = ("svd", "randomized")
@@ -144,19 +147,40 @@ def _gathered(x: jax.Array) -> jax.Array:
       x) else x
 
 
+@functools.lru_cache(maxsize=None)
+def _dimension_numbers(subscripts: str, ndim: int):
+  """``dot_general`` dimensions of a batched matrix product written as
+  ``"...ab,...bc->...ac"`` (one contracted letter; the result keeps the
+  first operand's free axis, then the second's)."""
+  inputs, output = subscripts.replace("...", "").split("->")
+  a, b = inputs.split(",")
+  (k,) = set(a) & set(b)
+  if output != a.replace(k, "") + b.replace(k, ""):
+    raise ValueError(f"unsupported contraction {subscripts!r}")
+  batch = tuple(range(ndim - 2))
+  return (((ndim - 2 + a.index(k),), (ndim - 2 + b.index(k),)),
+          (batch, batch))
+
+
 def _contract(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """``einsum`` that also works when a contracted axis is explicitly sharded.
+  """A batched matrix product, written as an ``einsum`` subscript, that also
+  works when a contracted axis is explicitly sharded.
 
   Explicit sharding cannot infer where a partial sum over a sharded axis
   should live, so the (small) result is asked for replicated.
   """
+  # lax.dot_general, not jnp.einsum: this runs for every projected leaf on
+  # every trace, and einsum's path search made up much of the tracing time.
   # Float32 products of any operand dtypes: a bf16 gradient goes in as it is,
   # so a backend may fuse the conversion (XLA:CPU still materialises it).
-  f32 = jnp.float32
-  if _explicitly_sharded(a) or _explicitly_sharded(b):
-    return jnp.einsum(subscripts, a, b, out_sharding=PartitionSpec(),
-                      preferred_element_type=f32)
-  return jnp.einsum(subscripts, a, b, preferred_element_type=f32)
+  if a.ndim != b.ndim:
+    raise ValueError(f"operands of {subscripts!r} need equal batch "
+                     f"dimensions, got shapes {a.shape} and {b.shape}")
+  dims = _dimension_numbers(subscripts, a.ndim)
+  out_sharding = (PartitionSpec() if _explicitly_sharded(a) or
+                  _explicitly_sharded(b) else None)
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
+                             out_sharding=out_sharding)
 
 
 def _eye_columns(rows: int, cols: int, batch_shape: tuple[int, ...]):
@@ -192,11 +216,11 @@ def canonicalize_column_signs(u: jax.Array) -> jax.Array:
   one counts (the column is not flipped).
   """
   # The largest-magnitude entry is negative iff max + min < 0 (exact in
-  # floating point by Sterbenz's lemma where it matters). Two plain
-  # reductions compile several times faster on XLA:CPU than argmax + gather.
-  peak_sign = (jnp.max(u, axis=-2, keepdims=True) +
-               jnp.min(u, axis=-2, keepdims=True))
-  return u * jnp.where(peak_sign < 0, -1, 1).astype(u.dtype)
+  # floating point by Sterbenz's lemma where it matters). One max-and-min
+  # reduction compiles several times faster on XLA:CPU than argmax + gather.
+  col_max, col_min = quantization.max_and_min(u, axis=-2)
+  flip = (col_max + col_min < 0)[..., None, :]
+  return u * jnp.where(flip, -1, 1).astype(u.dtype)
 
 
 def _svd_factors(g: jax.Array, plan: LeafPlan) -> tuple[Projector, jax.Array]:
@@ -209,7 +233,9 @@ def _svd_factors(g: jax.Array, plan: LeafPlan) -> tuple[Projector, jax.Array]:
   right = (jnp.swapaxes(
       canonicalize_column_signs(jnp.swapaxes(vh[..., :r, :], -1, -2)), -1, -2)
            if plan.use_right else optax.MaskedNode())
-  return Projector(left, right), jnp.all(jnp.isfinite(s), axis=-1)
+  # A failed SVD returns all-NaN outputs (JAX's lowering), so its largest
+  # singular value tells; of a finite input it is finite.
+  return Projector(left, right), jnp.isfinite(s[..., 0])
 
 
 def _orthonormalize(y: jax.Array) -> jax.Array:
@@ -243,8 +269,8 @@ def _top_left_subspace(g: jax.Array, start: jax.Array, rank: int,
   b = _contract("...mk,...mn->...kn", q, g)
   ub, s, _ = jnp.linalg.svd(b, full_matrices=False)
   return canonicalize_column_signs(
-      _contract("...mk,...kr->...mr", q, ub[..., :, :rank])), jnp.all(
-          jnp.isfinite(s), axis=-1)
+      _contract("...mk,...kr->...mr", q, ub[..., :, :rank])), jnp.isfinite(
+          s[..., 0])
 
 
 def _randomized_factors(g: jax.Array, plan: LeafPlan, previous: Projector,

@@ -373,6 +373,11 @@ def galore_project(
     return store(projection.refresh_projector(
         g, p, old32, method=projector_method, key=key))
 
+  def refresh_step(count: jax.Array, xs) -> tuple[jax.Array, Any]:
+    # One function object for every batch, so JAX can reuse the traced loop
+    # body across batches of one leaf shape.
+    return count, refresh_leaf(*xs, count)
+
   def refresh(grads: list[jax.Array], projectors: list[projection.Projector],
               leaf_ids: list[int], count: jax.Array) -> list[Any]:
     """New projectors of one batch of equal-shape leaves (see
@@ -384,8 +389,8 @@ def galore_project(
     # unbatched (jaxlib's batched CPU LAPACK kernels wait on the intra-op
     # thread pool they run in, which deadlocks when several devices of one
     # process decompose at once).
-    stacked = jax.lax.map(
-        lambda xs: refresh_leaf(*xs, count),
+    _, stacked = jax.lax.scan(
+        refresh_step, count,
         (jnp.stack(grads), jax.tree.map(stack, *projectors),
          jnp.asarray(leaf_ids, jnp.uint32)))
     return [jax.tree.map(lambda x, j=j: x[j], stacked)
