@@ -433,9 +433,17 @@ def galore_project(
             {i: load(p) for i, p in zip(group, new_ps)})
       return new_ps, inner_state
 
+    # One cond per batch, so that each batch's projections can start as soon
+    # as its gradients exist and free them (one cond over every gradient keeps
+    # them all alive at once). Carrying moments needs the whole inner state
+    # per cond, so it keeps one cond per refresh phase.
+    if moments == "project":
+      groups = [(offset, [b for b, o in zip(batches, offsets) if o == offset])
+                for offset in sorted(set(offsets))]
+    else:
+      groups = [(o, [b]) for b, o in zip(batches, offsets)]
     new_projectors = dict(projectors)
-    for offset in sorted(set(offsets)):
-      group_batches = [b for b, o in zip(batches, offsets) if o == offset]
+    for offset, group_batches in groups:
       group = [i for batch in group_batches for i in batch]
       due = (state.count == 0) | ((state.count - offset) % gap == 0)
       refreshed, inner_state = jax.lax.cond(

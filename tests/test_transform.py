@@ -202,6 +202,39 @@ def test_refresh_batches_respect_the_byte_bound(monkeypatch):
       [0], [1], [2], [3], [4]]
 
 
+def test_refresh_does_not_keep_every_gradient_alive(monkeypatch):
+  # One leaf per refresh batch. A single refresh cond over all gradients
+  # would keep them all alive until every projection could start (24 gradient
+  # sizes of temporaries here); one cond per batch lets each be projected
+  # and freed as the backward pass produces it, as staggering does.
+  monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", 0)
+  layers, d = 8, 256
+  params = {f"layer{i}": jnp.zeros((d, d)) for i in range(layers)}
+  x = jnp.ones((4, d))
+
+  def loss(p):
+    h = x
+    for i in range(layers):
+      h = jnp.tanh(h @ p[f"layer{i}"])
+    return jnp.sum(h)
+
+  def temp_bytes(stagger_refresh):
+    tx = galore_project(optax.scale_by_adam(), rank=8, update_proj_gap=200,
+                        stagger_refresh=stagger_refresh)
+
+    def step(p, s):
+      u, s = tx.update(jax.grad(loss)(p), s)
+      return optax.apply_updates(p, u), s
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, tx.init(params)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  default = temp_bytes(False)
+  assert default <= temp_bytes(True)
+  assert default < layers * d * d * 4
+
+
 @pytest.mark.parametrize("method", ["svd", "randomized"])
 @pytest.mark.parametrize("projector_dtype", ["float32", "int8"])
 def test_batched_refresh_equals_refreshing_each_leaf(monkeypatch, method,
