@@ -257,20 +257,27 @@ def _top_left_subspace(g: jax.Array, start: jax.Array, rank: int,
 
   Returns:
     ``(*batch, m, rank)`` orthonormal columns, signs canonicalised, and per
-    matrix whether the final small SVD succeeded (Householder QR of finite
-    blocks cannot fail).
+    matrix whether the final small eigendecomposition succeeded (Householder
+    QR of finite blocks cannot fail).
   """
   q = _orthonormalize(start)
   for _ in range(n_iter):
     q = _orthonormalize(
         _contract("...mn,...nk->...mk", g,
                   _contract("...mn,...mk->...nk", g, q)))
-  # Rayleigh-Ritz: the small SVD orders and rotates the block's directions.
-  b = _contract("...mk,...mn->...kn", q, g)
-  ub, s, _ = jnp.linalg.svd(b, full_matrices=False)
+  # Rayleigh-Ritz: the left singular vectors of B = Q^T G, which order and
+  # rotate the block's directions, are the eigenvectors of the k x k Gram
+  # matrix B B^T. Its eigh is 5-15x faster on CPU than an SVD of the k x n
+  # B (which also computes B's right vectors); squaring only blurs the order
+  # of directions below ~3e-4 of the top singular value, whose energy share
+  # is negligible.
+  b = _contract("...mn,...mk->...nk", g, q)
+  eigenvalues, vectors = jnp.linalg.eigh(
+      _contract("...nk,...nl->...kl", b, b))
+  top = vectors[..., :, ::-1][..., :, :rank]  # eigh sorts ascending
   return canonicalize_column_signs(
-      _contract("...mk,...kr->...mr", q, ub[..., :, :rank])), jnp.isfinite(
-          s[..., 0])
+      _contract("...mk,...kr->...mr", q, top)), jnp.isfinite(
+          eigenvalues[..., -1])
 
 
 def _randomized_factors(g: jax.Array, plan: LeafPlan, previous: Projector,

@@ -166,17 +166,21 @@ def test_refresh_keeps_previous_where_the_decomposition_fails(monkeypatch,
   gs = jnp.stack([_matrix(i, 20, 12) for i in range(3)])
   plan = projection.plan_leaf(gs.shape, 4, "full")
   previous = projection.initial_projector(plan)
-  svd = jnp.linalg.svd
+  svd, eigh = jnp.linalg.svd, jnp.linalg.eigh
 
-  def failing_on_matrix_1(x, **kwargs):
-    # LAPACK and cuSOLVER report a failed SVD as NaN outputs (JAX's lowering).
-    u, s, vh = svd(x, **kwargs)
+  def poison_matrix_1(x, outputs, ranks):
+    # LAPACK and cuSOLVER report a failed SVD or eigh as NaN outputs (JAX's
+    # lowering).
     nan = jnp.zeros(x.shape[:-2], bool).at[1].set(True)
-    poison = lambda a, k: jnp.where(nan.reshape(nan.shape + (1,) * k),
-                                    jnp.nan, a)
-    return poison(u, 2), poison(s, 1), poison(vh, 2)
+    return tuple(jnp.where(nan.reshape(nan.shape + (1,) * k), jnp.nan, a)
+                 for a, k in zip(outputs, ranks))
 
-  monkeypatch.setattr(jnp.linalg, "svd", failing_on_matrix_1)
+  # The exact method factorises with svd, the randomized one's Rayleigh-Ritz
+  # step with eigh.
+  monkeypatch.setattr(jnp.linalg, "svd", lambda x, **kwargs: poison_matrix_1(
+      x, svd(x, **kwargs), (2, 1, 2)))
+  monkeypatch.setattr(jnp.linalg, "eigh", lambda x, **kwargs: poison_matrix_1(
+      x, eigh(x, **kwargs), (1, 2)))
   new = projection.refresh_projector(gs, plan, previous, method=method,
                                      key=jax.random.key(0))
   for factor, before in zip(new, previous):
