@@ -271,9 +271,9 @@ def _top_left_subspace(g: jax.Array, start: jax.Array, rank: int,
   # B (which also computes B's right vectors); squaring only blurs the order
   # of directions below ~3e-4 of the top singular value, whose energy share
   # is negligible.
-  b = _contract("...mn,...mk->...nk", g, q)
+  b_t = _contract("...mn,...mk->...nk", g, q)  # B^T
   eigenvalues, vectors = jnp.linalg.eigh(
-      _contract("...nk,...nl->...kl", b, b))
+      _contract("...nk,...nl->...kl", b_t, b_t))
   top = vectors[..., :, ::-1][..., :, :rank]  # eigh sorts ascending
   return canonicalize_column_signs(
       _contract("...mk,...kr->...mr", q, top)), jnp.isfinite(
