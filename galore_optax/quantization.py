@@ -236,10 +236,46 @@ def _blocked(flat: jax.Array, block_size: int) -> jax.Array:
   return flat.reshape(nb, block_size)
 
 
+def block_abs_max(x: jax.Array, block_size: int = 256) -> jax.Array:
+  """The float32 largest magnitude of each block of ``x`` (see the module
+  docstring for the blocks).
+
+  Args:
+    x: a floating-point array of any shape (computed in float32).
+    block_size: number of consecutive (row-major) values per block.
+
+  Returns:
+    A float32 array of shape ``(ceil(x.size / block_size),)``.
+
+  Raises:
+    ValueError: if ``block_size`` is not a positive int.
+
+  References:
+    Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization".
+  """
+  block_size = check_positive_int("block_size", block_size,
+                                  hint=_BLOCK_SIZE_HINT)
+  x = jnp.asarray(x)
+  if x.size == 0:
+    return jnp.zeros((0,), jnp.float32)
+  return abs_max(_float_blocks(x, block_size), axis=1)
+
+
+def _float_blocks(x: jax.Array, block_size: int) -> jax.Array:
+  """``x`` in float32, zero-padded and reshaped to whole blocks."""
+  # Optimizer states start as constants (zeros) under jit, and XLA would
+  # constant-fold the quantisation: minutes for large arrays on CPU, and the
+  # result embedded in the executable. Multiplying by an opaque 1 (exact)
+  # makes the input non-constant without materialising it.
+  one = jax.lax.optimization_barrier(jnp.ones((), jnp.float32))
+  return _blocked(x.astype(jnp.float32).reshape(-1) * one, block_size)
+
+
 def quantize_blockwise(
     x: jax.Array,
     code: jax.Array,
     block_size: int = 256,
+    absmax: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Quantises ``x`` block-wise to uint8 indices into ``code``.
 
@@ -250,6 +286,9 @@ def quantize_blockwise(
       jax array created outside ``jit``) takes a fast table lookup; a traced
       one falls back to a binary search with the same result.
     block_size: number of consecutive (row-major) values per block.
+    absmax: ``block_abs_max(x, block_size)`` if the caller has it already
+      (e.g. computed from a recomputation of ``x``, so that ``x`` need not be
+      kept in memory between the two passes); computed here if None.
 
   Returns:
     ``(codes, absmax)``: uint8 codes with ``x``'s shape and the float32
@@ -257,8 +296,9 @@ def quantize_blockwise(
     An all-zero block gets ``absmax == 0`` and the code of 0.
 
   Raises:
-    ValueError: if ``block_size`` is not a positive int, or ``code`` is not a
-      1-D map of 2 to 256 values sorted ascending.
+    ValueError: if ``block_size`` is not a positive int, ``code`` is not a
+      1-D map of 2 to 256 values sorted ascending, or ``absmax`` does not
+      have one entry per block.
 
   References:
     Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization".
@@ -268,15 +308,17 @@ def quantize_blockwise(
   _concrete_code(code)  # fail early on a malformed map
   x = jnp.asarray(x)
   shape = x.shape
+  nb = _num_blocks(x.size, block_size)
+  if absmax is not None and tuple(absmax.shape) != (nb,):
+    raise ValueError(
+        f"absmax must have shape ({nb},), one entry per block of {block_size}"
+        f" values of x with shape {shape}; got {absmax.shape}.")
   if x.size == 0:
     return jnp.zeros(shape, jnp.uint8), jnp.zeros((0,), jnp.float32)
-  # Optimizer states start as constants (zeros) under jit, and XLA would
-  # constant-fold this whole computation: minutes for large arrays on CPU,
-  # and the result embedded in the executable. Multiplying by an opaque 1
-  # (exact) makes the input non-constant without materialising it.
-  one = jax.lax.optimization_barrier(jnp.ones((), jnp.float32))
-  blocks = _blocked(x.astype(jnp.float32).reshape(-1) * one, block_size)
-  absmax = abs_max(blocks, axis=1)
+  blocks = _float_blocks(x, block_size)
+  if absmax is None:
+    absmax = abs_max(blocks, axis=1)
+  absmax = absmax.astype(jnp.float32)
   # A zero block would divide 0 by 0; any divisor gives its values the code
   # of 0, and the stored absmax stays 0 so it dequantises to exact zeros.
   safe = jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))
@@ -332,6 +374,7 @@ def quantize(
     x: jax.Array,
     signed: bool = True,
     block_size: int = 256,
+    absmax: jax.Array | None = None,
 ) -> QuantizedArray:
   """Quantises ``x`` with the dynamic map.
 
@@ -340,6 +383,8 @@ def quantize(
     signed: use the signed map; ``False`` for non-negative data (negative
       values would be stored as 0).
     block_size: values per float32 scale.
+    absmax: ``block_abs_max(x, block_size)`` if already known (see
+      ``quantize_blockwise``).
 
   Returns:
     A ``QuantizedArray``.
@@ -350,7 +395,7 @@ def quantize(
   # The NumPy map stays a constant under jit (a jnp array would be traced),
   # which enables the fast lookup in ``_nearest_code``.
   codes, absmax = quantize_blockwise(x, _dynamic_map_np(bool(signed)),
-                                     block_size)
+                                     block_size, absmax)
   return QuantizedArray(codes=codes, absmax=absmax)
 
 

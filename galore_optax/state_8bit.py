@@ -106,6 +106,42 @@ def is_second_moment(state: optax.OptState, path: KeyPath) -> bool:
   return False
 
 
+# Primitives whose work ``quantize_state_8bit`` will not repeat (see
+# ``_repeatable``): products, decompositions, control flow and sorts.
+_COSTLY_PRIMITIVES = frozenset({
+    "dot_general", "conv_general_dilated", "cond", "while", "scan",
+    "svd", "eigh", "qr", "geqrf", "householder_product", "lu", "cholesky",
+    "triangular_solve", "fft", "sort", "custom_linear_solve",
+})
+
+
+def _subjaxprs(params: dict[str, Any]) -> list[Any]:
+  """The jaxprs nested in an equation's parameters (calls, custom rules)."""
+  found = []
+  stack = list(params.values())
+  while stack:
+    value = stack.pop()
+    if hasattr(value, "eqns"):
+      found.append(value)
+    elif hasattr(getattr(value, "jaxpr", None), "eqns"):
+      found.append(value.jaxpr)
+    elif isinstance(value, (tuple, list)):
+      stack.extend(value)
+  return found
+
+
+def _repeatable(jaxpr: Any) -> bool:
+  """Whether a computation is cheap to repeat: elementwise work,
+  reductions, reshapes and gathers, but no ``_COSTLY_PRIMITIVES``."""
+  stack = [jaxpr]
+  while stack:
+    for eqn in stack.pop().eqns:
+      if eqn.primitive.name in _COSTLY_PRIMITIVES:
+        return False
+      stack.extend(_subjaxprs(eqn.params))
+  return True
+
+
 def quantize_state_8bit(
     inner: optax.GradientTransformation,
     *,
@@ -128,6 +164,15 @@ def quantize_state_8bit(
   state with new absmax values. The returned update is ``inner``'s, computed
   from its unquantised new state, as bitsandbytes' 8-bit optimizers do. The
   state's shapes and dtypes never change, so steps jit once.
+
+  The new state is needed three times (the update, the new block maxima, the
+  new codes). Where ``inner.update`` is cheap to repeat -- no products,
+  decompositions, loops or conditionals, as in Adam, RMSprop or Adafactor --
+  it is traced once per use on its own dequantised copy of the state, and XLA
+  fuses each use into one pass over the 8-bit codes instead of writing the
+  float32 state out (the results are the same bits). ``inner.update`` is
+  therefore traced up to four times; around costlier inners (e.g. a
+  ``galore_project``) the state is dequantised and ``inner`` traced once.
 
   ``optax.chain(quantize_state_8bit(optax.scale_by_adam()),
   optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr))`` is an
@@ -198,26 +243,53 @@ def quantize_state_8bit(
   def update_fn(updates, state, params=None, **extra_args):
     stored = state.inner_state
 
-    def dequantize(path, leaf):
-      if not _is_ours(leaf):
-        return leaf
-      return quantization.dequantize(leaf, signed_map(stored, path),
-                                     block_size)
+    def dequantized(use: int | None) -> optax.OptState:
+      """The float32 inner state; ``use`` numbers an independent copy."""
+      maps = {signed: quantization.create_dynamic_map(signed)
+              for signed in (True, False)}
+      if use is not None:
+        # An opaque copy of the maps per use: XLA cannot merge the lookups
+        # of different uses, so each fuses into its one consumer.
+        maps = jax.lax.optimization_barrier((maps, jnp.int32(use)))[0]
 
-    inner_state = jax.tree.map_with_path(dequantize, stored, is_leaf=_is_ours)
-    updates, new_inner_state = inner.update(updates, inner_state, params,
-                                            **extra_args)
+      def dequantize(path, leaf):
+        if not _is_ours(leaf):
+          return leaf
+        return quantization.dequantize_blockwise(
+            leaf.codes, leaf.absmax, maps[signed_map(stored, path)],
+            block_size)
+
+      return jax.tree.map_with_path(dequantize, stored, is_leaf=_is_ours)
+
+    def run(inner_state):
+      return inner.update(updates, inner_state, params, **extra_args)
+
+    inner_state = dequantized(None)
+    updates_out, new_inner_state = run(inner_state)
+    # The new state has three uses: the update, the new block maxima and the
+    # new codes. XLA:CPU would write each dequantised leaf out in float32 to
+    # share it among them (a table lookup is too costly to duplicate), so
+    # where ``inner`` is cheap to repeat we trace it once per use instead and
+    # let XLA fuse each use into one pass over the 8-bit state.
+    quantized = any(_is_ours(x) for x in jax.tree.leaves(stored,
+                                                          is_leaf=_is_ours))
+    if quantized and _repeatable(jax.make_jaxpr(run)(inner_state).jaxpr):
+      _, for_max = run(dequantized(1))
+      _, for_codes = run(dequantized(2))
+    else:
+      for_max = for_codes = new_inner_state
 
     # Quantise exactly the leaves that were quantised before, so the state's
     # structure, shapes and dtypes stay fixed.
-    def requantize(path, old, new):
+    def requantize(path, old, new, new_for_max, new_for_codes):
       if not _is_ours(old):
         return new
       return _QuantizedLeaf(*quantization.quantize(
-          new, signed_map(stored, path), block_size))
+          new_for_codes, signed_map(stored, path), block_size,
+          absmax=quantization.block_abs_max(new_for_max, block_size)))
 
     new_stored = jax.tree.map_with_path(requantize, stored, new_inner_state,
-                                        is_leaf=_is_ours)
-    return updates, QuantizedState(new_stored)
+                                        for_max, for_codes, is_leaf=_is_ours)
+    return updates_out, QuantizedState(new_stored)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

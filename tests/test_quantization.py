@@ -239,7 +239,23 @@ def test_bad_absmax_shape_and_code_map_raise():
   q = qz.QuantizedArray(np.zeros(600, np.uint8), np.ones(3, np.float32))
   with pytest.raises(ValueError, match="absmax must have shape"):
     qz.dequantize(q, block_size=128)
+  with pytest.raises(ValueError, match="absmax must have shape"):
+    qz.quantize(np.ones(600, np.float32), absmax=np.ones(2, np.float32))
   with pytest.raises(ValueError, match="sorted"):
     qz.quantize_blockwise(ONES, np.asarray(qz.create_dynamic_map())[::-1])
   with pytest.raises(ValueError, match="1-D map"):
     qz.quantize_blockwise(ONES, np.zeros((2, 256), np.float32))
+
+
+def test_given_absmax_gives_the_same_codes_as_computed_absmax():
+  x = np.random.default_rng(3).standard_normal((37, 53)).astype(np.float32)
+  x[:2] = 0.0  # a zero block (block size 64)
+  absmax = jax.jit(qz.block_abs_max, static_argnums=1)(x, 64)
+  np.testing.assert_array_equal(
+      absmax, np.abs(np.pad(x.reshape(-1), (0, 31 * 64 - x.size))).reshape(
+          -1, 64).max(1))
+  computed = jax.jit(lambda x: qz.quantize(x, block_size=64))(x)
+  given = jax.jit(lambda x, a: qz.quantize(x, block_size=64, absmax=a))(
+      x, absmax)
+  np.testing.assert_array_equal(given.codes, computed.codes)
+  np.testing.assert_array_equal(given.absmax, computed.absmax)
