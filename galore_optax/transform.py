@@ -368,8 +368,10 @@ def galore_project(
                    count: jax.Array) -> projection.Projector:
     p = plan(g)
     old32 = load(old)
+    # Only the randomized method draws: the exact one compiles without keys.
     key = jax.random.fold_in(
-        jax.random.fold_in(jax.random.key(seed), leaf_id), count)
+        jax.random.fold_in(jax.random.key(seed), leaf_id),
+        count) if projector_method == "randomized" else None
     return store(projection.refresh_projector(
         g, p, old32, method=projector_method, key=key))
 
