@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -280,17 +280,55 @@ def _top_left_subspace(g: jax.Array, start: jax.Array, rank: int,
           eigenvalues[..., -1])
 
 
+def sketch_dims(plan: LeafPlan,
+                oversample: int = 8) -> tuple[Any, Any]:
+  """``(cols, extra)`` of the randomized method's test matrix per side.
+
+  Args:
+    plan: the leaf's plan.
+    oversample: extra columns of the randomized range finder.
+
+  Returns:
+    ``(left, right)``: for each side in use, the test matrix's number of
+    rows (the matrix's other dimension) and of random columns (the
+    oversampling that fits); None for a side not in use.
+  """
+
+  def dims(rows: int, cols: int) -> tuple[int, int]:
+    return cols, min(plan.rank + oversample, rows, cols) - plan.rank
+
+  return (dims(plan.m, plan.n) if plan.use_left else None,
+          dims(plan.n, plan.m) if plan.use_right else None)
+
+
+def randomized_sketch(key: jax.Array, plan: LeafPlan,
+                      oversample: int = 8) -> Projector:
+  """Standard-normal test matrices of the randomized method for one leaf.
+
+  Args:
+    key: PRNG key.
+    plan: the leaf's plan.
+    oversample: extra columns of the randomized range finder.
+
+  Returns:
+    A ``Projector`` holding, per side in use, a float32 ``(*batch, cols,
+    extra)`` array (see ``sketch_dims``); ``optax.MaskedNode()`` otherwise.
+  """
+  keys = jax.random.split(key)
+  return Projector(*(
+      optax.MaskedNode() if dims is None else jax.random.normal(
+          side_key, (*plan.batch_shape, *dims), jnp.float32)
+      for side_key, dims in zip(keys, sketch_dims(plan, oversample))))
+
+
 def _randomized_factors(g: jax.Array, plan: LeafPlan, previous: Projector,
-                        key: jax.Array, oversample: int,
+                        sketch: Projector,
                         n_iter: int) -> tuple[Projector, jax.Array]:
   """Warm-started randomized range finder for each side in use."""
 
-  def side(mat, prev, key):
-    rows, cols = mat.shape[-2:]
-    k = min(plan.rank + oversample, rows, cols)
-    extra = k - plan.rank
-    omega = jax.random.normal(key, (*plan.batch_shape, cols, extra),
-                              jnp.float32)
+  def side(mat, prev, omega):
+    # One test matrix may serve every matrix of a batch.
+    omega = jnp.broadcast_to(omega, (*plan.batch_shape, *omega.shape[-2:]))
     # The previous basis is a good start: gradients' top subspaces drift
     # slowly, so a few power iterations from it converge.
     start = jnp.concatenate(
@@ -298,23 +336,23 @@ def _randomized_factors(g: jax.Array, plan: LeafPlan, previous: Projector,
          _gathered(_contract("...mn,...nk->...mk", mat, omega))], axis=-1)
     return _top_left_subspace(mat, start, plan.rank, n_iter)
 
-  key_left, key_right = jax.random.split(key)
   ok = jnp.ones(plan.batch_shape, bool)
   left = right = optax.MaskedNode()
   if plan.use_left:
-    left, ok_left = side(g, previous.left, key_left)
+    left, ok_left = side(g, previous.left, sketch.left)
     ok &= ok_left
   if plan.use_right:
     right_t, ok_right = side(jnp.swapaxes(g, -1, -2),
-                             jnp.swapaxes(previous.right, -1, -2), key_right)
+                             jnp.swapaxes(previous.right, -1, -2),
+                             sketch.right)
     right = jnp.swapaxes(right_t, -1, -2)
     ok &= ok_right
   return Projector(left, right), ok
 
 
 def _factors(grad: jax.Array, plan: LeafPlan, method: str,
-             previous: Projector | None, key: jax.Array | None,
-             oversample: int, n_iter: int) -> tuple[Projector, jax.Array]:
+             previous: Projector | None, sketch: Projector | None,
+             n_iter: int) -> tuple[Projector, jax.Array]:
   """``compute_projector``'s factors and, per matrix, whether they are
   valid (finite gradient, decomposition succeeded)."""
   g = grad.astype(jnp.float32)
@@ -328,13 +366,22 @@ def _factors(grad: jax.Array, plan: LeafPlan, method: str,
   if method == "svd":
     new, ok = _svd_factors(g, plan)
   elif method == "randomized":
-    if previous is None or key is None:
-      raise ValueError("method='randomized' needs previous and key.")
-    new, ok = _randomized_factors(g, plan, previous, key, oversample, n_iter)
+    if previous is None or sketch is None:
+      raise ValueError("method='randomized' needs previous and key (or "
+                       "sketch).")
+    new, ok = _randomized_factors(g, plan, previous, sketch, n_iter)
   else:
     raise ValueError(f"projector method must be one of {PROJECTOR_METHODS}, "
                      f"got {method!r}.")
   return new, ok & finite[..., 0, 0]
+
+
+def _sketch(method: str, plan: LeafPlan, key: jax.Array | None,
+            sketch: Projector | None, oversample: int) -> Projector | None:
+  """The randomized method's test matrices: given, or drawn from ``key``."""
+  if method != "randomized" or sketch is not None or key is None:
+    return sketch
+  return randomized_sketch(key, plan, oversample)
 
 
 def compute_projector(
@@ -344,6 +391,7 @@ def compute_projector(
     method: str = "svd",
     previous: Projector | None = None,
     key: jax.Array | None = None,
+    sketch: Projector | None = None,
     oversample: int = 8,
     n_iter: int = 2,
 ) -> Projector:
@@ -357,13 +405,17 @@ def compute_projector(
       (subspace iteration warm-started from ``previous``).
     previous: the current projector (float32), needed by ``"randomized"``.
     key: PRNG key for the oversampling columns of ``"randomized"``.
-    oversample: extra columns of the randomized range finder.
+    sketch: those columns' test matrices themselves (see
+      ``randomized_sketch``; each side's may omit the batch axes, to serve
+      every matrix of the batch); drawn from ``key`` if None.
+    oversample: extra columns of the randomized range finder (with ``key``).
     n_iter: power iterations of the randomized range finder.
 
   Returns:
     A float32 ``Projector`` with orthonormal factors.
   """
-  return _factors(grad, plan, method, previous, key, oversample, n_iter)[0]
+  return _factors(grad, plan, method, previous,
+                  _sketch(method, plan, key, sketch, oversample), n_iter)[0]
 
 
 def refresh_projector(
@@ -373,6 +425,7 @@ def refresh_projector(
     *,
     method: str = "svd",
     key: jax.Array | None = None,
+    sketch: Projector | None = None,
     oversample: int = 8,
     n_iter: int = 2,
 ) -> Projector:
@@ -388,13 +441,15 @@ def refresh_projector(
     previous: the current projector (float32 factors).
     method: as in ``compute_projector``.
     key: as in ``compute_projector``.
+    sketch: as in ``compute_projector``.
     oversample: as in ``compute_projector``.
     n_iter: as in ``compute_projector``.
 
   Returns:
     A float32 ``Projector``.
   """
-  new, ok = _factors(grad, plan, method, previous, key, oversample, n_iter)
+  new, ok = _factors(grad, plan, method, previous,
+                     _sketch(method, plan, key, sketch, oversample), n_iter)
   return jax.tree.map(
       lambda a, b: jnp.where(ok[..., None, None], a, b.astype(a.dtype)),
       new, previous)

@@ -226,8 +226,9 @@ def galore_project(
       axes (one projector per matrix). Names match as one
       ``target_modules`` entry (equal, substring or full regex); the first
       matching key wins; a key that matches no leaf raises at ``init``.
-    seed: seed of the randomized method's keys, which are derived from it,
-      the leaf's position and the update count, so runs and resumed runs
+    seed: seed of the randomized method's random test matrices, which are
+      drawn from it and the update count (one per test-matrix shape, shared by
+      the leaves refreshed in that update), so runs and resumed runs
       reproduce.
 
   Returns:
@@ -364,39 +365,49 @@ def galore_project(
     return jax.tree_util.tree_map_with_path(carry, inner_state, ids)
 
   def refresh_leaf(g: jax.Array, old: projection.Projector,
-                   leaf_id: jax.Array | int,
-                   count: jax.Array) -> projection.Projector:
+                   sketches: dict[Any, jax.Array]) -> projection.Projector:
     p = plan(g)
-    old32 = load(old)
-    # Only the randomized method draws: the exact one compiles without keys.
-    key = jax.random.fold_in(
-        jax.random.fold_in(jax.random.key(seed), leaf_id),
-        count) if projector_method == "randomized" else None
+    sketch = None
+    if projector_method == "randomized":
+      sketch = projection.Projector(*(
+          optax.MaskedNode() if dims is None else sketches[dims]
+          for dims in projection.sketch_dims(p)))
     return store(projection.refresh_projector(
-        g, p, old32, method=projector_method, key=key))
-
-  def refresh_step(count: jax.Array, xs) -> tuple[jax.Array, Any]:
-    # One function object for every batch, so JAX can reuse the traced loop
-    # body across batches of one leaf shape.
-    return count, refresh_leaf(*xs, count)
+        g, p, load(old), method=projector_method, sketch=sketch))
 
   def refresh(grads: list[jax.Array], projectors: list[projection.Projector],
-              leaf_ids: list[int], count: jax.Array) -> list[Any]:
+              sketches: dict[Any, jax.Array]) -> list[Any]:
     """New projectors of one batch of equal-shape leaves (see
     ``_refresh_batches``), by one loop over the batch."""
     if len(grads) == 1:
-      return [refresh_leaf(grads[0], projectors[0], leaf_ids[0], count)]
+      return [refresh_leaf(grads[0], projectors[0], sketches)]
     stack = lambda *xs: jnp.stack(xs)
     # A loop, not vmap: the body compiles once, and each decomposition stays
     # unbatched (jaxlib's batched CPU LAPACK kernels wait on the intra-op
     # thread pool they run in, which deadlocks when several devices of one
     # process decompose at once).
-    _, stacked = jax.lax.scan(
-        refresh_step, count,
-        (jnp.stack(grads), jax.tree.map(stack, *projectors),
-         jnp.asarray(leaf_ids, jnp.uint32)))
+    stacked = jax.lax.map(lambda xs: refresh_leaf(*xs, sketches),
+                          (jnp.stack(grads), jax.tree.map(stack, *projectors)))
     return [jax.tree.map(lambda x, j=j: x[j], stacked)
             for j in range(len(grads))]
+
+  def step_sketches(grads: list[jax.Array],
+                    count: jax.Array) -> dict[Any, jax.Array]:
+    """The randomized method's test matrices of this update, one per shape.
+
+    Drawn once per update and shared by every leaf whose sketch has that
+    shape: the random draw compiles once instead of once per refresh, and
+    every leaf still gets fresh columns at each of its refreshes.
+    """
+    if projector_method != "randomized":
+      return {}
+    key = jax.random.fold_in(jax.random.key(seed), count)
+    shapes = sorted({dims for g in grads if _is_projected(g)
+                     for dims in projection.sketch_dims(plan(g))
+                     if dims is not None})
+    return {dims: jax.random.normal(
+        jax.random.fold_in(jax.random.fold_in(key, dims[0]), dims[1]), dims,
+        jnp.float32) for dims in shapes}
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
@@ -413,6 +424,7 @@ def galore_project(
          for i in projected], [grads[i].size for i in projected], max_leaves)]
     offsets = _refresh_offsets(len(batches), gap, stagger_refresh)
 
+    sketches = step_sketches(grads, state.count)
     # Only "project" (to find the moments) and "reset" (to re-init) use it.
     lowrank_zeros = None if moments == "keep" else treedef.unflatten([
         jnp.zeros(plan(g).lowrank_shape, g.dtype) if i in projected_set
@@ -426,8 +438,7 @@ def galore_project(
       group = [i for batch in group_batches for i in batch]
       old_ps = dict(zip(group, ps))
       new_ps = [p for batch in group_batches for p in refresh(
-          [grads[i] for i in batch], [old_ps[i] for i in batch], batch,
-          state.count)]
+          [grads[i] for i in batch], [old_ps[i] for i in batch], sketches)]
       if moments == "project":
         inner_state = carry_moments(
             inner_state, lowrank_zeros, {i: plan(grads[i]) for i in group},
