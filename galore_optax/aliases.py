@@ -99,7 +99,7 @@ def galore_adamw(
       happens to the moments at a refresh (see ``galore_project``).
     matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
       is not their last two axes (see ``galore_project``).
-    seed: seed of the randomized projector's keys.
+    seed: seed of the randomized projector's random test matrices.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -198,7 +198,7 @@ def galore_adafactor(
       happens to the moments at a refresh (see ``galore_project``).
     matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
       is not their last two axes (see ``galore_project``).
-    seed: seed of the randomized projector's keys.
+    seed: seed of the randomized projector's random test matrices.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -323,7 +323,7 @@ def galore_adamw_8bit(
       happens to the moments at a refresh (see ``galore_project``).
     matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
       is not their last two axes (see ``galore_project``).
-    seed: seed of the randomized projector's keys.
+    seed: seed of the randomized projector's random test matrices.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
