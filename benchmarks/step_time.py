@@ -17,11 +17,14 @@ follows the first (refresh) step and contains every leaf's next refresh when
 ``--window >= --update-proj-gap``: the median step, the slowest step, and the
 amortised step (mean over the window), plus ratios to ``optax.adamw`` and
 ``optax.contrib.galore``. Optimizers are timed one after another in the same
-process (the models do not all fit in memory at once at 350M shapes).
+process (the models do not all fit in memory at once at 350M shapes), or with
+``--interleave`` step by step in alternation (for a few optimizers at once).
 
 Run from the repository root::
 
     python -m benchmarks.step_time --model 60m --window 200
+    python -m benchmarks.step_time --model 350m --interleave \
+        --only optax.contrib.galore "galore_adamw randomized staggered"
     python -m benchmarks.step_time --model 350m --compile-only --processes 5
 """
 
@@ -109,6 +112,20 @@ def compile_in_processes(args: argparse.Namespace, rank: int) -> None:
           f"{', '.join(f'{x:.2f}' for x in xs)} |")
 
 
+def _run_window(live: dict[str, list], step_times: dict[str, list[float]],
+                batch, window: int) -> None:
+  """Runs the first (refresh) step and ``window`` more of each live
+  optimizer, in alternation, appending each step's time."""
+  for _ in range(window + 1):  # step 0 refreshes every projector
+    for name, run in live.items():
+      compiled, params, state = run
+      start = time.perf_counter()
+      params, state, loss = compiled(params, state, batch)
+      jax.block_until_ready(loss)
+      step_times[name].append(time.perf_counter() - start)
+      run[1:] = [params, state]
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="60m")
@@ -124,6 +141,10 @@ def main(argv: list[str] | None = None) -> None:
                       "this many fresh processes, in interleaved rounds, and "
                       "report the median (a process's first compilation "
                       "also pays one-time start-up costs)")
+  parser.add_argument("--interleave", action="store_true",
+                      help="run the optimizers' windows in alternation, step "
+                      "by step, so that machine drift hits all alike (all "
+                      "models and states must fit in memory at once)")
   parser.add_argument("--times-json", default=None,
                       help="write every step's time, per optimizer, here")
   args = parser.parse_args(argv)
@@ -147,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
   rows = {}
   step_times = {}
+  live = {}  # with --interleave: name -> [compiled, params, state]
   for name, make in makers.items():
     tx = make()
 
@@ -160,27 +182,28 @@ def main(argv: list[str] | None = None) -> None:
     state_abstract = jax.eval_shape(tx.init, params_abstract)
     start = time.perf_counter()
     compiled = step.lower(params_abstract, state_abstract, batch).compile()
-    row = {"compile_s": time.perf_counter() - start}
-    if not args.compile_only:
-      params = nnx.state(llama.build_model(config, rngs=0), nnx.Param)
-      state = jax.jit(tx.init)(params)
-      times = []
-      for i in range(args.window + 1):  # step 0 refreshes every projector
-        start = time.perf_counter()
-        params, state, loss = compiled(params, state, batch)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - start)
-      window = times[1:]
-      step_times[name] = times
-      row.update(first_s=times[0], median_s=statistics.median(window),
-                 slowest_s=max(window),
-                 amortised_s=sum(window) / len(window))
-      del params, state
-    rows[name] = row
-    print(name, {k: round(v, 3) for k, v in row.items()}, flush=True)
-    if args.times_json:
-      with open(args.times_json, "w") as f:
-        json.dump(step_times, f)
+    rows[name] = {"compile_s": time.perf_counter() - start}
+    if args.compile_only:
+      print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
+      continue
+    params = nnx.state(llama.build_model(config, rngs=0), nnx.Param)
+    state = jax.jit(tx.init)(params)
+    live[name] = [compiled, params, state]
+    step_times[name] = []
+    if not args.interleave:  # one optimizer's window after another's
+      _run_window(live, step_times, batch, args.window)
+      del live[name]
+  if args.interleave:  # every optimizer's step i, then every step i + 1
+    _run_window(live, step_times, batch, args.window)
+  for name, times in step_times.items():
+    window = times[1:]
+    rows[name].update(first_s=times[0], median_s=statistics.median(window),
+                      slowest_s=max(window),
+                      amortised_s=sum(window) / len(window))
+    print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
+  if args.times_json:
+    with open(args.times_json, "w") as f:
+      json.dump(step_times, f)
 
   print(f"\nmachine: {platform.machine()}, {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}, optax "
