@@ -156,6 +156,17 @@ def _refresh_offsets(num_batches: int, gap: int, stagger: bool) -> list[int]:
   return [(i * gap) // num_batches for i in range(num_batches)]
 
 
+def _zero_after(xs: list[jax.Array]) -> jax.Array:
+  """A float32 zero computed from one element of each array of ``xs``.
+
+  Adding it to a value makes that value wait for all of ``xs`` without
+  changing it: ``finite * 0`` is exactly zero and XLA does not fold it.
+  """
+  flags = [jnp.isnan(x[(0,) * x.ndim]).astype(jnp.float32)
+           for x in xs if x.size]
+  return sum(flags, jnp.zeros([], jnp.float32)) * 0
+
+
 def galore_project(
     inner: optax.GradientTransformation,
     *,
@@ -486,15 +497,27 @@ def galore_project(
     # cannot fuse the product into the back-projection (XLA:CPU); as an
     # opaque scalar it is broadcast inside the fusion.
     alpha = jax.lax.optimization_barrier(jnp.asarray(scale, jnp.float32))
-    full = [
+    # In a train step that donates the parameters, XLA writes each new weight
+    # into its old buffer, and first copies the weight unless every read of
+    # it provably comes before that write. The backward pass reads a weight
+    # (for its input gradient) alongside computing its weight gradient, not
+    # before, so XLA copied every projected weight on every step (1.1 GB at
+    # LLaMA-350M shapes). Those reads come before the gradients of earlier
+    # layers, so the first back-projection waits for every projected
+    # gradient, and each next one for the one before it (which also makes XLA
+    # apply each full-size update before computing the next, instead of
+    # holding them all). ``_zero_after`` changes no value.
+    waits_for = [lowrank[i] for i in projected]
+    full = []
+    for i, (g, u) in enumerate(zip(grads, inner_updates)):
+      if i in projected_set:
         # Scaling the low-rank factor, not the full-size product, saves a
         # full-size pass (and XLA:CPU a full-size constant buffer).
-        _from_matrix(projection.project_back(
-            u.astype(jnp.float32) * alpha, factors[i], plan(g)).astype(
-                g.dtype), views[i], shapes[i])
-        if i in projected_set else _from_matrix(u, views[i], shapes[i])
-        for i, (g, u) in enumerate(zip(grads, inner_updates))
-    ]
+        u = projection.project_back(
+            u.astype(jnp.float32) * alpha + _zero_after(waits_for),
+            factors[i], plan(g)).astype(g.dtype)
+        waits_for = [u]
+      full.append(_from_matrix(u, views[i], shapes[i]))
     new_state = GaLoreState(
         count=optax.safe_increment(state.count),
         projectors={names[i]: new_projectors[i] for i in projected},
