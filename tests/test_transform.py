@@ -202,53 +202,14 @@ def test_refresh_batches_respect_the_byte_bound(monkeypatch):
       [0], [1], [2], [3], [4]]
 
 
-def test_refresh_does_not_keep_every_gradient_alive(monkeypatch):
-  # One leaf per refresh batch. A single refresh cond over all gradients
-  # would keep them all alive until every projection could start (24 gradient
-  # sizes of temporaries here); one cond per batch lets each be projected
-  # and freed as the backward pass produces it, as staggering does.
-  monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", 0)
-  layers, d = 8, 256
-  params = {f"layer{i}": jnp.zeros((d, d)) for i in range(layers)}
-  x = jnp.ones((4, d))
+def _tanh_chain_step(params, stagger_refresh):
+  """A donated-style train step of a chain of ``tanh(h @ W)`` layers under
+  ``galore_project(scale_by_adam)``, and its optimizer."""
+  x = jnp.ones((4, next(iter(params.values())).shape[0]))
 
   def loss(p):
     h = x
-    for i in range(layers):
-      h = jnp.tanh(h @ p[f"layer{i}"])
-    return jnp.sum(h)
-
-  def temp_bytes(stagger_refresh):
-    tx = galore_project(optax.scale_by_adam(), rank=8, update_proj_gap=200,
-                        stagger_refresh=stagger_refresh)
-
-    def step(p, s):
-      u, s = tx.update(jax.grad(loss)(p), s)
-      return optax.apply_updates(p, u), s
-
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-        params, tx.init(params)).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
-  default = temp_bytes(False)
-  assert default <= temp_bytes(True)
-  assert default < layers * d * d * 4
-
-
-@pytest.mark.parametrize("stagger_refresh", [False, True])
-def test_donated_step_does_not_copy_the_weights(stagger_refresh):
-  # Each weight is read by the forward and the backward pass (its input
-  # gradient) and then overwritten in its donated buffer; unless its update
-  # is ordered after those reads, XLA copies the weight first (7 of 8
-  # weights here without the ordering).
-  layers, d = 8, 96
-  params = {f"layer{i}": jnp.full((d, d), 0.01 * (i + 1))
-            for i in range(layers)}
-  x = jnp.ones((4, d))
-
-  def loss(p):
-    h = x
-    for i in range(layers):
+    for i in range(len(p)):
       h = jnp.tanh(h @ p[f"layer{i}"])
     return jnp.sum(h)
 
@@ -259,16 +220,51 @@ def test_donated_step_does_not_copy_the_weights(stagger_refresh):
     u, s = tx.update(jax.grad(loss)(p), s)
     return optax.apply_updates(p, u), s
 
-  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, tx.init(params)).compile().as_text()
+  return step, tx
+
+
+def test_refresh_does_not_keep_every_gradient_alive(monkeypatch):
+  # One leaf per refresh batch. A single refresh cond over all gradients
+  # would keep them all alive until every projection could start (24 gradient
+  # sizes of temporaries here); one cond per batch lets each be projected
+  # and freed as the backward pass produces it, as staggering does.
+  monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", 0)
+  layers, d = 8, 256
+  params = {f"layer{i}": jnp.zeros((d, d)) for i in range(layers)}
+
+  def temp_bytes(stagger_refresh):
+    step, tx = _tanh_chain_step(params, stagger_refresh)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, tx.init(params)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  default = temp_bytes(False)
+  assert default <= temp_bytes(True)
+  assert default < layers * d * d * 4
+
+
+@pytest.mark.parametrize("stagger_refresh", [False, True])
+def test_donated_step_does_not_copy_the_weights(monkeypatch, stagger_refresh):
+  # Each weight is read by the forward and the backward pass (its input
+  # gradient) and then overwritten in its donated buffer; unless its update
+  # is ordered after those reads, XLA copies the weight first (7 of 8
+  # weights here without the ordering, unstaggered).
+  layers, d = 8, 96
+  params = {f"layer{i}": jnp.full((d, d), 0.01 * (i + 1))
+            for i in range(layers)}
+  step, tx = _tanh_chain_step(params, stagger_refresh)
+  donated_step = jax.jit(step, donate_argnums=(0, 1))
+  hlo = donated_step.lower(params, tx.init(params)).compile().as_text()
   entry = hlo[hlo.index("\nENTRY"):]  # the refreshes may copy in branches
   assert entry.count(f"f32[{d},{d}]{{1,0}} copy(") == 0
+  ordered = donated_step(jax.tree.map(jnp.copy, params), tx.init(params))
 
-  # The ordering changes no value.
-  expected = jax.jit(step)(params, tx.init(params))
-  donated = jax.jit(step, donate_argnums=(0, 1))(
-      jax.tree.map(jnp.copy, params), tx.init(params))
-  chex.assert_trees_all_equal(donated, expected)
+  # The ordering changes no value: the same step without it.
+  monkeypatch.setattr(transform, "_zero_after",
+                      lambda xs: jnp.zeros([], jnp.float32))
+  step, tx = _tanh_chain_step(params, stagger_refresh)
+  unordered = jax.jit(step)(params, tx.init(params))
+  chex.assert_trees_all_equal(ordered, unordered)
 
 
 @pytest.mark.parametrize("method", ["svd", "randomized"])
