@@ -114,11 +114,11 @@ def _from_matrix(x: jax.Array, view: _MatrixView | None,
   return permuted.transpose(inverse)
 
 
-# Leaves of equal shape are refreshed together by one loop over their stack,
-# whose body is compiled once instead of once per leaf (the randomized
-# method's per-leaf power iterations dominated compile time). The bound keeps
-# the stacked gradient copy small; larger batches also measured slower to
-# compile on XLA:CPU (its stacking kernels grow with the batch).
+# Leaves of equal shape are refreshed together by one loop, whose body is
+# compiled once instead of once per leaf (the randomized method's per-leaf
+# power iterations dominated compile time). A batch's loop needs all of its
+# gradients, so the bound limits how many stay alive until it can start
+# (unbounded, per-shape batches: 138 MiB more temporaries at LLaMA-350M).
 _REFRESH_BATCH_BYTES = 64 * 2**20
 
 
@@ -161,13 +161,18 @@ def _zero_after(xs: list[jax.Array]) -> jax.Array:
 
   Adding it to a value makes that value wait for all of ``xs`` without
   changing it. XLA does not fold a float times zero (it is NaN for NaN or
-  infinite floats); ``nan_to_num`` makes the product exactly zero.
+  infinite floats); zeroing the non-finite elements first makes the product
+  exactly zero.
   """
-  elements = [x[(0,) * x.ndim].astype(jnp.float32) for x in xs if x.size]
+  elements = [jax.lax.slice(x, (0,) * x.ndim, (1,) * x.ndim).reshape(1)
+              for x in xs if x.size]
   if not elements:
     return jnp.zeros([], jnp.float32)
-  # One reduction: a chain of scalar adds took XLA's simplifier many rounds.
-  return jnp.max(jnp.nan_to_num(jnp.stack(elements)) * 0)
+  # One array and one reduction: a chain of scalar adds took XLA's
+  # simplifier many rounds.
+  e = jnp.concatenate(elements).astype(jnp.float32)
+  finite = jax.lax.select(jax.lax.is_finite(e), e, jnp.zeros_like(e))
+  return jnp.max(finite * 0)
 
 
 def galore_project(
@@ -390,20 +395,37 @@ def galore_project(
         g, p, load(old), method=projector_method, sketch=sketch))
 
   def refresh(grads: list[jax.Array], projectors: list[projection.Projector],
-              sketches: dict[Any, jax.Array]) -> list[Any]:
+              sketches: dict[Any, jax.Array],
+              due: jax.Array | None = None) -> list[Any]:
     """New projectors of one batch of equal-shape leaves (see
-    ``_refresh_batches``), by one loop over the batch."""
+    ``_refresh_batches``), by one loop over the batch; with ``due`` given,
+    the loop runs only where it is true (the projectors are returned as they
+    are otherwise)."""
     if len(grads) == 1:
-      return [refresh_leaf(grads[0], projectors[0], sketches)]
-    stack = lambda *xs: jnp.stack(xs)
+      if due is None:
+        return [refresh_leaf(grads[0], projectors[0], sketches)]
+      # Not a loop: XLA hoists a single leaf's refresh, invariant in the
+      # loop, out of it, so it would run at every update.
+      return [jax.lax.cond(due, lambda: refresh_leaf(
+          grads[0], projectors[0], sketches), lambda: projectors[0])]
     # A loop, not vmap: the body compiles once, and each decomposition stays
     # unbatched (jaxlib's batched CPU LAPACK kernels wait on the intra-op
     # thread pool they run in, which deadlocks when several devices of one
-    # process decompose at once).
-    stacked = jax.lax.map(lambda xs: refresh_leaf(*xs, sketches),
-                          (jnp.stack(grads), jax.tree.map(stack, *projectors)))
-    return [jax.tree.map(lambda x, j=j: x[j], stacked)
-            for j in range(len(grads))]
+    # process decompose at once). Nothing is stacked: iteration i picks
+    # gradient i by a switch, refreshes the projector at the head of the
+    # carry (leaf i's) and appends the new one, so after the loop the
+    # projectors are back in order. Every kernel then has the shapes of one
+    # leaf and is shared by all batches of that shape (XLA:CPU compiles each
+    # distinct kernel once), where slicing a stacked result compiled one
+    # kernel per position and batch size. A trip count of zero when not due
+    # replaces a ``lax.cond`` around the loop (less for XLA to compile).
+
+    def body(i, carry):
+      g = jax.lax.switch(i, [lambda g=g: g for g in grads])
+      return carry[1:] + [refresh_leaf(g, carry[0], sketches)]
+
+    trips = len(grads) if due is None else jnp.where(due, len(grads), 0)
+    return jax.lax.fori_loop(0, trips, body, list(projectors))
 
   def step_sketches(grads: list[jax.Array],
                     count: jax.Array) -> dict[Any, jax.Array]:
@@ -447,40 +469,44 @@ def galore_project(
     # an operand of the refresh's cond.
     inner_state = state.inner_state if moments == "project" else None
 
+    def due_at(offset: int) -> jax.Array:
+      return (state.count == 0) | ((state.count - offset) % gap == 0)
+
     def refresh_group(operand, group_batches):
+      """``moments="project"``: the batches due at one phase and the
+      moments carried into their new bases."""
       ps, inner_state = operand
       group = [i for batch in group_batches for i in batch]
       old_ps = dict(zip(group, ps))
       new_ps = [p for batch in group_batches for p in refresh(
           [grads[i] for i in batch], [old_ps[i] for i in batch], sketches)]
-      if moments == "project":
-        inner_state = carry_moments(
-            inner_state, lowrank_zeros, {i: plan(grads[i]) for i in group},
-            {i: load(p) for i, p in zip(group, ps)},
-            {i: load(p) for i, p in zip(group, new_ps)})
+      inner_state = carry_moments(
+          inner_state, lowrank_zeros, {i: plan(grads[i]) for i in group},
+          {i: load(p) for i, p in zip(group, ps)},
+          {i: load(p) for i, p in zip(group, new_ps)})
       return new_ps, inner_state
 
-    # One cond per batch, so that each batch's projections can start as soon
-    # as its gradients exist and free them (one cond over every gradient keeps
-    # them all alive at once). Carrying moments needs the whole inner state
-    # per cond, so it keeps one cond per refresh phase.
-    if moments == "project":
-      groups = [(offset, [b for b, o in zip(batches, offsets) if o == offset])
-                for offset in sorted(set(offsets))]
-    else:
-      groups = [(o, [b]) for b, o in zip(batches, offsets)]
+    # One loop (or cond) per batch, so that each batch's projections can
+    # start as soon as its gradients exist and free them (one over every
+    # gradient keeps them all alive at once). Carrying moments needs the
+    # whole inner state, so it keeps one cond per refresh phase.
     new_projectors = dict(projectors)
-    for offset, group_batches in groups:
-      group = [i for batch in group_batches for i in batch]
-      due = (state.count == 0) | ((state.count - offset) % gap == 0)
-      refreshed, inner_state = jax.lax.cond(
-          due,
-          lambda operand, g=group_batches: refresh_group(operand, g),
-          lambda operand: operand,
-          ([projectors[i] for i in group], inner_state),
-      )
-      for i, proj in zip(group, refreshed):
-        new_projectors[i] = proj
+    if moments == "project":
+      for offset in sorted(set(offsets)):
+        group_batches = [b for b, o in zip(batches, offsets) if o == offset]
+        group = [i for batch in group_batches for i in batch]
+        refreshed, inner_state = jax.lax.cond(
+            due_at(offset),
+            lambda operand, g=group_batches: refresh_group(operand, g),
+            lambda operand: operand,
+            ([projectors[i] for i in group], inner_state),
+        )
+        new_projectors.update(zip(group, refreshed))
+    else:
+      for batch, offset in zip(batches, offsets):
+        new_projectors.update(zip(batch, refresh(
+            [grads[i] for i in batch], [projectors[i] for i in batch],
+            sketches, due_at(offset))))
     if inner_state is None:
       inner_state = state.inner_state
     if moments == "reset":

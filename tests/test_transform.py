@@ -243,6 +243,18 @@ def test_refresh_does_not_keep_every_gradient_alive(monkeypatch):
   assert default < layers * d * d * 4
 
 
+@pytest.mark.parametrize("batch_bytes", [0, 2**30])
+def test_decompositions_run_only_inside_the_refresh(monkeypatch, batch_bytes):
+  # A refresh that XLA could hoist out of its loop or cond (a loop-invariant
+  # decomposition) would run at every update, not every update_proj_gap.
+  monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", batch_bytes)
+  params = {f"layer{i}": jnp.zeros((32, 32)) for i in range(4)}
+  step, tx = _tanh_chain_step(params, stagger_refresh=False)
+  hlo = jax.jit(step).lower(params, tx.init(params)).compile().as_text()
+  assert "lapack_sgesdd" in hlo
+  assert "lapack_sgesdd" not in hlo[hlo.index("\nENTRY"):]
+
+
 @pytest.mark.parametrize("stagger_refresh", [False, True])
 def test_donated_step_does_not_copy_the_weights(monkeypatch, stagger_refresh):
   # Each weight is read by the forward and the backward pass (its input
