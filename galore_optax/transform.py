@@ -119,7 +119,7 @@ def _from_matrix(x: jax.Array, view: _MatrixView | None,
 # power iterations dominated compile time). A batch's loop needs all of its
 # gradients, so the bound limits how many stay alive until it can start
 # (unbounded, per-shape batches: 138 MiB more temporaries at LLaMA-350M).
-_REFRESH_BATCH_BYTES = 64 * 2**20
+_REFRESH_BATCH_BYTES = 256 * 2**20
 
 
 def _refresh_batches(keys: list[Any], sizes: list[int],
@@ -128,25 +128,33 @@ def _refresh_batches(keys: list[Any], sizes: list[int],
 
   Args:
     keys: per projected leaf, what must be equal to batch it with another
-      (shape, dtype, sharding).
+      (shape, dtype, sharding); equal keys have equal sizes.
     sizes: per projected leaf, its number of values.
     max_leaves: at most this many leaves per batch (None: no limit).
 
   Returns:
     Lists of positions, each of equal keys and at most
     ``_REFRESH_BATCH_BYTES`` of float32 (or a single leaf), ordered by their
-    first position.
+    first position. The leaves of one key are split into as few batches as
+    the bounds allow, of sizes differing by at most one (no small remainder
+    batch, whose loop would compile on its own).
   """
-  open_batches: dict[Any, list[int]] = {}
+  positions: dict[Any, list[int]] = {}
+  for i, key in enumerate(keys):
+    positions.setdefault(key, []).append(i)
   batches = []
-  for i, (key, size) in enumerate(zip(keys, sizes)):
-    batch = open_batches.get(key)
-    if (batch is None or 4 * size * (len(batch) + 1) > _REFRESH_BATCH_BYTES
-        or (max_leaves is not None and len(batch) >= max_leaves)):
-      batch = open_batches[key] = []
-      batches.append(batch)
-    batch.append(i)
-  return batches
+  for members in positions.values():
+    limit = max(1, _REFRESH_BATCH_BYTES // (4 * max(sizes[members[0]], 1)))
+    if max_leaves is not None:
+      limit = min(limit, max_leaves)
+    count = -(-len(members) // limit)
+    small, extra = divmod(len(members), count)
+    start = 0
+    for j in range(count):
+      end = start + small + (j < extra)
+      batches.append(members[start:end])
+      start = end
+  return sorted(batches, key=lambda batch: batch[0])
 
 
 def _refresh_offsets(num_batches: int, gap: int, stagger: bool) -> list[int]:
@@ -535,8 +543,11 @@ def galore_project(
     # layers, so the first back-projection waits for every projected
     # gradient, and each next one for the one before it (which also makes XLA
     # apply each full-size update before computing the next, instead of
-    # holding them all). ``_zero_after`` changes no value.
-    waits_for = [lowrank[i] for i in projected]
+    # holding them all). ``_zero_after`` changes no value. Each batch's
+    # refresh (loop or cond, due or not) returns its projectors only once
+    # all of its gradients exist, so one projector per batch stands for them.
+    waits_for = [jax.tree.leaves(new_projectors[batch[0]])[0]
+                 for batch in batches]
     full = []
     for i, (g, u) in enumerate(zip(grads, inner_updates)):
       if i in projected_set:
