@@ -231,7 +231,7 @@ def galore_project(
     stagger_refresh: spread the refreshes over the window so that no single
       step recomputes every projector (all leaves still refresh at update
       0). Leaves of equal shape, dtype and sharding are refreshed together
-      in batches of up to 64 MiB of float32 gradient (one loop per batch,
+      in batches of up to 256 MiB of float32 gradient (one loop per batch,
       which compiles faster than code per leaf); staggering spreads these
       batches over the window and limits them to ``ceil(leaves / T)``
       leaves, so with no more projected leaves than ``T`` every leaf
