@@ -208,7 +208,8 @@ def galore_project(
 
   The projector is recomputed from the current gradient at updates
   ``0, T, 2T, ...`` (``T = update_proj_gap``) inside the compiled step (a
-  ``lax.cond``, so refresh and ordinary steps share one compilation).
+  loop that runs zero times when no refresh is due, or a ``lax.cond``, so
+  refresh and ordinary steps share one compilation).
   By default ``inner``'s state is kept across refreshes, as in the
   reference (``moments="keep"``); see ``moments`` for the others. A refresh
   whose gradient or resulting projector is not finite is skipped for that
