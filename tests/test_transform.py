@@ -200,6 +200,10 @@ def test_refresh_batches_respect_the_byte_bound(monkeypatch):
   assert transform._refresh_batches(keys, [48] * 5) == [[0, 1], [2, 3], [4]]
   assert transform._refresh_batches(keys, [48] * 5, max_leaves=1) == [
       [0], [1], [2], [3], [4]]
+  # Five leaves, at most four per batch: 3 + 2, not 4 + a remainder of 1.
+  monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", 4 * 4 * 48)
+  assert transform._refresh_batches([("a",)] * 5, [48] * 5) == [
+      [0, 1, 2], [3, 4]]
 
 
 def _tanh_chain_step(params, stagger_refresh):
