@@ -131,11 +131,11 @@ import numpy as np
 import optax
 
 from galore_optax import projection
+from galore_optax import projector_storage
 from galore_optax import quantization
 from galore_optax import targets
 from galore_optax import weight_quantization
 from galore_optax._checks import check_positive_int
-from galore_optax.transform import _PROJECTOR_BLOCK_SIZE
 from galore_optax.transform import GaLoreState
 
 __all__ = (
@@ -628,20 +628,6 @@ def _with_projectors(old: Any, new: Any) -> Any:
       old, new, is_leaf=is_galore)
 
 
-def _load_factor(f: Any) -> Any:
-  if isinstance(f, optax.MaskedNode):
-    return f
-  if isinstance(f, quantization.QuantizedArray):
-    return quantization.dequantize(f, True, _PROJECTOR_BLOCK_SIZE)
-  return f.astype(jnp.float32)
-
-
-def _factor_shape(f: Any) -> tuple[int, ...]:
-  if isinstance(f, quantization.QuantizedArray):
-    return tuple(f.codes.shape)
-  return tuple(f.shape)
-
-
 @dataclasses.dataclass
 class _Layout:
   """Static facts about one parameter tree (shapes, names, per-leaf specs)."""
@@ -893,8 +879,8 @@ def make_layerwise_step(
           proj = found[0].projectors[name]
           use_left = not isinstance(proj.left, optax.MaskedNode)
           use_right = not isinstance(proj.right, optax.MaskedNode)
-          rank = (_factor_shape(proj.left)[-1] if use_left else
-                  _factor_shape(proj.right)[-2])
+          rank = (projector_storage.factor_shape(proj.left)[-1] if use_left else
+                  projector_storage.factor_shape(proj.right)[-2])
           plan = projection.LeafPlan(tuple(units[i].shape), use_left,
                                      use_right, rank)
         acc_shape = plan.lowrank_shape if plan else units[i].shape
@@ -968,7 +954,7 @@ def make_layerwise_step(
       (gs,) = [s for s in _find_galore_states(opt_state)
                if name in s.projectors]
       factors = projection.Projector(
-          *(_load_factor(f) for f in gs.projectors[name]))
+          *(projector_storage.load_factor(f) for f in gs.projectors[name]))
       x = projection.project(g, factors, plan)
     else:
       x = g

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_optax import ordering
 from galore_optax import projection
+from galore_optax import projector_storage
 from galore_optax import quantization
 from galore_optax import state_8bit
 from galore_optax._checks import check_choice
@@ -27,11 +29,7 @@ from galore_optax.targets import path_to_name
 # ``{name: (row_axes, col_axes)}``: which axes of a leaf form its matrix.
 MatrixAxes = Mapping[str, tuple[Sequence[int], Sequence[int]]]
 
-PROJECTOR_DTYPES = ("float32", "bfloat16", "int8")
 MOMENT_POLICIES = ("keep", "project", "reset")
-# Orthonormal factors are dense and sign-balanced: one float32 scale per 256
-# values on the signed dynamic map, as bitsandbytes does for first moments.
-_PROJECTOR_BLOCK_SIZE = 256
 
 
 class GaLoreState(NamedTuple):
@@ -165,25 +163,6 @@ def _refresh_offsets(num_batches: int, gap: int, stagger: bool) -> list[int]:
   return [(i * gap) // num_batches for i in range(num_batches)]
 
 
-def _zero_after(xs: list[jax.Array]) -> jax.Array:
-  """A float32 zero computed from one element of each array of ``xs``.
-
-  Adding it to a value makes that value wait for all of ``xs`` without
-  changing it. XLA does not fold a float times zero (it is NaN for NaN or
-  infinite floats); zeroing the non-finite elements first makes the product
-  exactly zero.
-  """
-  elements = [jax.lax.slice(x, (0,) * x.ndim, (1,) * x.ndim).reshape(1)
-              for x in xs if x.size]
-  if not elements:
-    return jnp.zeros([], jnp.float32)
-  # One array and one reduction: a chain of scalar adds took XLA's
-  # simplifier many rounds.
-  e = jnp.concatenate(elements).astype(jnp.float32)
-  finite = jax.lax.select(jax.lax.is_finite(e), e, jnp.zeros_like(e))
-  return jnp.max(finite * 0)
-
-
 def galore_project(
     inner: optax.GradientTransformation,
     *,
@@ -272,7 +251,8 @@ def galore_project(
   check_choice("proj_type", proj_type, projection.PROJ_TYPES)
   check_choice("projector_method", projector_method,
                projection.PROJECTOR_METHODS)
-  check_choice("projector_dtype", projector_dtype, PROJECTOR_DTYPES)
+  check_choice("projector_dtype", projector_dtype,
+               projector_storage.PROJECTOR_DTYPES)
   check_choice("moments", moments, MOMENT_POLICIES)
   if matrix_axes is not None and not (
       isinstance(matrix_axes, Mapping) and
@@ -291,20 +271,9 @@ def galore_project(
     return projection.plan_leaf(tuple(leaf.shape), rank, proj_type)
 
   def store(projector: projection.Projector) -> projection.Projector:
-    """Float32 factors -> storage (float32, bfloat16 or 8-bit codes)."""
-    if projector_dtype == "int8":
-      return jax.tree.map(
-          lambda x: quantization.quantize(x, True, _PROJECTOR_BLOCK_SIZE),
-          projector)
-    return optax.tree.cast(projector, jnp.dtype(projector_dtype))
+    return projector_storage.store(projector, projector_dtype)
 
-  def load(stored: projection.Projector) -> projection.Projector:
-    """Storage -> float32 factors for the products and the refresh."""
-    if projector_dtype == "int8":
-      return projection.Projector(*(
-          f if isinstance(f, optax.MaskedNode) else quantization.dequantize(
-              f, True, _PROJECTOR_BLOCK_SIZE) for f in stored))
-    return optax.tree.cast(stored, jnp.float32)
+  load = projector_storage.load
 
   def named_leaves(tree) -> tuple[list[str], list[Any], Any]:
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -545,7 +514,7 @@ def galore_project(
     # layers, so the first back-projection waits for every projected
     # gradient, and each next one for the one before it (which also makes XLA
     # apply each full-size update before computing the next, instead of
-    # holding them all). ``_zero_after`` changes no value. Each batch's
+    # holding them all). Each batch's
     # refresh (loop or cond, due or not) returns its projectors only once
     # all of its gradients exist, so one projector per batch stands for them.
     waits_for = [jax.tree.leaves(new_projectors[batch[0]])[0]
@@ -556,7 +525,8 @@ def galore_project(
         # Scaling the low-rank factor, not the full-size product, saves a
         # full-size pass (and XLA:CPU a full-size constant buffer).
         u = projection.project_back(
-            u.astype(jnp.float32) * alpha + _zero_after(waits_for),
+            ordering.after(u.astype(jnp.float32) * alpha,
+                           *map(ordering.first_element, waits_for)),
             factors[i], plan(g)).astype(g.dtype)
         waits_for = [u]
       full.append(_from_matrix(u, views[i], shapes[i]))

@@ -47,6 +47,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.typing import DTypeLike
 
+from galore_optax import ordering
 from galore_optax import quantization
 from galore_optax import targets
 from galore_optax._checks import check_positive_int
@@ -294,8 +295,7 @@ def _apply_update_rows(q: QuantizedWeight, update: jax.Array,
     # update exists. Drawn from the key alone, XLA schedules every leaf's
     # noise at the start of the step and keeps it all live (measured: tens
     # of GiB on a LLaMA-7B per-layer step).
-    row_offset = row_offset + (
-        0 * jnp.nan_to_num(jnp.sum(new_scale))).astype(jnp.int32)
+    row_offset = ordering.after(row_offset, new_scale)
   codes = _round(c * (s / divisor) + u / divisor, key, row_offset)
   return QuantizedWeight(_ungrouped(codes, q.codes), new_scale)
 
