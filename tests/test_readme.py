@@ -40,3 +40,21 @@ def test_int8_weights_example_runs_and_learns():
     losses.append(float(loss))
   assert losses[-1] < 0.5 * losses[0]
   assert namespace["train_step"]._cache_size() == 1
+
+
+def test_per_layer_example_runs_and_learns():
+  text = README.read_text()
+  block = re.search(r"## Per-layer mode.*?```python\n(.*?)```", text,
+                    re.S).group(1)
+  namespace = {}
+  exec(compile(block, "README per-layer mode", "exec"), namespace)  # pylint: disable=exec-used
+  step = namespace["step"]
+  params, opt_state = namespace["params"], namespace["opt_state"]
+  x = jax.random.normal(jax.random.key(0), (32, 64))
+  y = jnp.tanh(x[:, ::-1])
+  losses = []
+  for _ in range(150):
+    params, opt_state, loss = step(params, opt_state, (x, y))
+    losses.append(float(loss))
+  assert losses[-1] < 0.1 * losses[0]
+  assert step._cache_size() == 1
