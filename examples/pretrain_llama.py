@@ -58,7 +58,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -444,11 +444,21 @@ class _TensorBoard:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  """The command line: model, optimizer, data, parallelism, output flags."""
   p = argparse.ArgumentParser(
       prog="python -m examples.pretrain_llama",
       description="Pre-train a LLaMA-style model with GaLore (JAX/Optax).",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  g = p.add_argument_group("model")
+  _add_model_flags(p)
+  _add_optimizer_flags(p)
+  _add_data_flags(p)
+  _add_parallelism_flags(p)
+  _add_output_flags(p)
+  return p
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+  g = parser.add_argument_group("model")
   g.add_argument("--model", default="tiny",
                  help=f"preset ({', '.join(llama.PRESETS)}) or a local "
                  "config.json path / directory")
@@ -470,7 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "syntax as --target-modules; default: the same selection)")
   g.add_argument("--scan-layers", action="store_true",
                  help="stack the decoder layers and scan over them")
-  g = p.add_argument_group("optimizer")
+
+
+def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
+  g = parser.add_argument_group("optimizer")
   g.add_argument("--optimizer", default="galore_adamw", choices=OPTIMIZERS)
   g.add_argument("--rank", type=int, default=64, help="GaLore rank r")
   g.add_argument("--update-proj-gap", type=int, default=50,
@@ -498,7 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="clip gradients to this global norm (0: off)")
   g.add_argument("--grad-accum", type=int, default=1,
                  help="micro-batches per optimizer update (optax.MultiSteps)")
-  g = p.add_argument_group("data and schedule")
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+  g = parser.add_argument_group("data and schedule")
   g.add_argument("--data", nargs="*", default=None,
                  help="stdlib (default), files/dirs/globs, or hf:NAME[:CONFIG]")
   g.add_argument("--tokenizer", default=None,
@@ -516,7 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--eval-batches", type=int, default=4,
                  help="fixed held-out batches per evaluation")
   g.add_argument("--seed", type=int, default=0)
-  g = p.add_argument_group("parallelism")
+
+
+def _add_parallelism_flags(parser: argparse.ArgumentParser) -> None:
+  g = parser.add_argument_group("parallelism")
   g.add_argument("--mesh", default=None,
                  help="e.g. 'data=2,fsdp=4' or 'fsdp=8' (default: 1 device)")
   g.add_argument("--distributed", action="store_true",
@@ -528,7 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="multi-host: number of processes (with --coordinator)")
   g.add_argument("--process-id", type=int, default=None,
                  help="multi-host: this process's index (with --coordinator)")
-  g = p.add_argument_group("output")
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+  g = parser.add_argument_group("output")
   g.add_argument("--out-dir", default=None,
                  help="default runs/<optimizer>-<model>")
   g.add_argument("--log-every", type=int, default=10,
@@ -549,8 +571,6 @@ def build_parser() -> argparse.ArgumentParser:
                  help="XLA's cheapest CPU compile settings: 2-4x faster "
                  "compiles, slower steps, float rounding may differ (for "
                  "tests and smoke runs)")
-  return p
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = build_parser().parse_args(argv)
@@ -572,29 +592,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------
-# Training
+# Setup: processes, data, model, mesh, steps
 # ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Window:
-  """Losses fetched lazily; a sync per log window, not per step."""
-  start: float
-  tokens: int = 0
-  pending: list = dataclasses.field(default_factory=list)
+def prepare_run(args: argparse.Namespace) -> tuple[Path, Path]:
+  """Joins a multi-host job if asked; makes and returns the output dirs.
 
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  """Runs pre-training; returns (and writes) the summary.
+  Checkpoints are written jointly by all processes into one directory (a
+  shared filesystem across hosts); metrics and plots are per process, those
+  of process ``i > 0`` under ``out-dir/process-i`` (without a progress bar).
 
   Args:
-    argv: command-line arguments (default ``sys.argv[1:]``).
+    args: the parsed arguments; ``progress`` is switched off for processes
+      other than the first.
 
   Returns:
-    The summary dict also written to ``summary.json``.
+    ``(out_dir, checkpoint_dir)``.
   """
-  t_main = time.perf_counter()
-  args = parse_args(argv)
   if args.coordinator or args.distributed:
     # Multi-host: one process per host, all running this same command. The
     # mesh then spans every process's devices; each process feeds the parts
@@ -603,17 +618,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                num_processes=args.num_processes,
                                process_id=args.process_id)
   out_dir = Path(args.out_dir)
-  # Checkpoints are written jointly by all processes into one directory
-  # (a shared filesystem across hosts); metrics and plots are per process.
   ckpt_dir = (out_dir / "checkpoints").absolute()
   if jax.process_index() > 0:
     out_dir = out_dir / f"process-{jax.process_index()}"
     args.progress = False
   out_dir.mkdir(parents=True, exist_ok=True)
+  return out_dir, ckpt_dir
 
-  import orbax.checkpoint as ocp  # noqa: PLC0415  (slow import, only here)
 
-  # -- data ----------------------------------------------------------------
+@dataclasses.dataclass
+class Data:
+  """The tokenised corpus, its training batches and fixed held-out batches."""
+  corpus: Any
+  train_batches: Any
+  eval_batches: Any
+
+
+def load_data(args: argparse.Namespace) -> Data:
+  """Loads (or tokenises) the corpus and prints its sizes."""
   corpus = data_lib.load_corpus(
       args.data, tokenizer=args.tokenizer,
       max_train_bytes=args.max_train_bytes, cache_dir=args.cache_dir)
@@ -627,8 +649,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"({'cached' if corpus.from_cache else 'tokenised'} in "
         f"{corpus.seconds:.1f} s); {train_batches.steps_per_epoch:,} "
         f"micro-batches per epoch; {len(eval_batches)} eval batches")
+  return Data(corpus, train_batches, eval_batches)
 
-  # -- model ---------------------------------------------------------------
+
+@dataclasses.dataclass
+class Model:
+  """The model's structure and the parameters as the train step holds them.
+
+  Attributes:
+    config: the model configuration.
+    graphdef: the ``nnx`` graph definition, merged with parameter dicts.
+    model_kw: keyword arguments of ``llama.build_model`` (dtypes, remat,
+      scan_layers).
+    dtype: the parameter and computation dtype.
+    params_abstract: the float parameters, as ``jax.ShapeDtypeStruct``s.
+    stored_abstract: what the train step holds: the parameters, int8 where
+      ``--weights int8`` selects them.
+    n_params: the number of parameters.
+    int8_weights: whether some matrices are stored as int8.
+    quantize: float parameters -> stored parameters.
+    dequantize: stored parameters -> float parameters.
+  """
+  config: Any
+  graphdef: Any
+  model_kw: dict[str, Any]
+  dtype: Any
+  params_abstract: Any
+  stored_abstract: Any
+  n_params: int
+  int8_weights: bool
+  quantize: Callable[[Any], Any]
+  dequantize: Callable[[Any], Any]
+
+
+def setup_model(args: argparse.Namespace, corpus: Any) -> Model:
+  """The model's structure (nothing allocated) and its int8 storage."""
   config = llama.get_config(args.model)
   if config.vocab_size < corpus.vocab_size:
     raise ValueError(f"Model vocabulary ({config.vocab_size}) is smaller than "
@@ -661,34 +716,72 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Under jit each int8 matrix is dequantised where the model uses it.
     return weight_quantization.dequantize_params(stored, dtype)
 
-  # What the train step holds: the parameters, int8 where selected.
-  stored_abstract = jax.eval_shape(quantize, params_abstract)
+  return Model(
+      config=config, graphdef=graphdef, model_kw=model_kw, dtype=dtype,
+      params_abstract=params_abstract,
+      stored_abstract=jax.eval_shape(quantize, params_abstract),
+      n_params=n_params, int8_weights=int8_weights, quantize=quantize,
+      dequantize=dequantize)
 
-  # -- mesh and shardings --------------------------------------------------
+
+@dataclasses.dataclass
+class Placement:
+  """The device mesh and the shardings of the step's inputs and outputs.
+
+  Attributes:
+    mesh: the ``(data, fsdp)`` mesh.
+    replicated: a sharding that replicates over the whole mesh.
+    batch: the sharding of a batch (its first axis over every device).
+    params: the shardings of the stored parameters.
+    opt_state: the shardings of the optimizer state, once it is known.
+  """
+  mesh: jax.sharding.Mesh
+  replicated: NamedSharding
+  batch: NamedSharding
+  params: Any
+  opt_state: Any = None
+
+  def put(self, batch: Any) -> Any:
+    """A host batch as global arrays sharded like ``self.batch``."""
+    # Every process holds the whole global batch (a pure function of seed
+    # and step) and provides the slices of its own devices.
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(
+            x.shape, self.batch, lambda index: x[index]), batch)
+
+
+def setup_mesh(args: argparse.Namespace, model: Model) -> Placement:
+  """The mesh of ``--mesh`` and the shardings of batches and parameters."""
   mesh = make_mesh(args.mesh)
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if args.batch_size % n_batch_shards:
     raise ValueError(f"--batch-size {args.batch_size} must be divisible by "
                      f"data * fsdp = {n_batch_shards}.")
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(MESH_AXES, None))
-  param_sh = tree_shardings(mesh, stored_abstract)
+  return Placement(mesh=mesh, replicated=NamedSharding(mesh, P()),
+                   batch=NamedSharding(mesh, P(MESH_AXES, None)),
+                   params=tree_shardings(mesh, model.stored_abstract))
 
-  jit_kw = {}
-  if args.fast_compile and jax.default_backend() == "cpu":
-    jit_kw["compiler_options"] = FAST_COMPILE_OPTIONS
-  schedule = make_schedule(args)
-  # The learning rate of update k (1-based) is schedule(k - 1); computed
-  # once, not with one tiny dispatch per step.
-  lrs = np.asarray(jax.jit(jax.vmap(schedule), **jit_kw)(
-      jnp.arange(args.steps)))
-  tx = build_tx(args, schedule, params_abstract)
+
+def make_update(args: argparse.Namespace, model: Model,
+                tx: optax.GradientTransformation
+                ) -> tuple[Callable[..., Any], Callable[..., Any]]:
+  """The optimizer's init and one update, before ``jax.jit``.
+
+  Args:
+    args: the parsed arguments.
+    model: the model.
+    tx: the optimizer (``build_tx``).
+
+  Returns:
+    ``(opt_init, core_step)``: ``opt_init(stored)`` is the optimizer state;
+    ``core_step(stored, opt_state, batch, key=None)`` returns the updated
+    ``(stored, opt_state, loss)``, ``key`` rounding int8 weights.
+  """
 
   def loss_of(params, batch):
-    return llama.loss_fn(nnx.merge(graphdef, params), batch)
+    return llama.loss_fn(nnx.merge(model.graphdef, params), batch)
 
-  layerwise = is_layerwise(args.optimizer)
-  if layerwise:
+  if is_layerwise(args.optimizer):
     # Each leaf is updated inside the backward pass as soon as its gradient
     # exists (galore_torch's per-layer mode). A global norm does not exist
     # yet at that point: clipping is per leaf; accumulation is done by the
@@ -697,50 +790,76 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # the backward pass (keys as in the ordinary step).
     lw = galore_layerwise.make_layerwise_step(
         loss_of, tx, clip_norm=args.max_grad_norm or None,
-        accumulate_steps=args.grad_accum, weight_dtype=dtype, donate=False,
-        jit=False)
-    core_step = lw.step
-    opt_init = lw.init
+        accumulate_steps=args.grad_accum, weight_dtype=model.dtype,
+        donate=False, jit=False)
     if args.max_grad_norm > 0:
       print(f"layer-wise updates: gradients clipped to norm "
             f"{args.max_grad_norm:g} per leaf, not globally.")
-  else:
-    opt_init = lambda stored: tx.init(dequantize(stored))
+    return lw.init, lw.step
 
-    def core_step(stored, opt_state, batch, key=None):
-      params = dequantize(stored)
-      loss, grads = jax.value_and_grad(loss_of)(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      if int8_weights:
-        # int8 matrices: the update is added to the dequantised weight and
-        # rounded back, stochastically with a key derived from the step.
-        return weight_quantization.apply_updates(
-            stored, updates, key=key), opt_state, loss
-      return optax.apply_updates(params, updates), opt_state, loss
+  dequantize = model.dequantize
 
-  opt_abstract = jax.eval_shape(opt_init, stored_abstract)
-  weights_msg = ""
-  if int8_weights:
-    n_int8 = sum(int(np.prod(x.codes.shape)) for x in jax.tree.leaves(
-        stored_abstract, is_leaf=weight_quantization.is_quantized)
-                 if weight_quantization.is_quantized(x))
-    weights_msg = (f"; int8 weights: {n_int8:,} values "
-                   f"({args.weight_rounding} rounding, groups of "
-                   f"{args.weight_group_size})")
-  opt_sh = tree_shardings(mesh, opt_abstract)
-  opt_bytes = tree_bytes(opt_abstract)
-  print(f"model: {args.model} ({n_params:,} parameters, "
-        f"{_fmt_bytes(tree_bytes(params_abstract))} {args.param_dtype}); "
-        f"optimizer: {args.optimizer} (lr {args.lr:g}, state "
-        f"{_fmt_bytes(opt_bytes)}); mesh {dict(mesh.shape)} on "
-        f"{mesh.devices.size} {jax.devices()[0].platform} device(s)"
-        f"{weights_msg}")
+  def opt_init(stored):
+    return tx.init(dequantize(stored))
 
+  def core_step(stored, opt_state, batch, key=None):
+    params = dequantize(stored)
+    loss, grads = jax.value_and_grad(loss_of)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    if model.int8_weights:
+      # int8 matrices: the update is added to the dequantised weight and
+      # rounded back, stochastically with a key derived from the step.
+      return weight_quantization.apply_updates(
+          stored, updates, key=key), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return opt_init, core_step
+
+
+@dataclasses.dataclass
+class Steps:
+  """The compiled steps and what the run needs to know about them.
+
+  Attributes:
+    lrs: the learning rate of update ``k`` (1-based) at index ``k - 1``.
+    opt_init: stored parameters -> optimizer state (not jitted).
+    opt_abstract: the optimizer state's shapes and dtypes.
+    train_step: ``(stored, opt_state, batch, rng, micro_step) -> (stored,
+      opt_state, loss)``, jitted, donating the parameters and state.
+    eval_step: ``(stored, batch) -> (loss sum, token count)``, jitted.
+    traces: how often each was traced (``"train"``, ``"eval"``).
+    jit_kw: the keyword arguments of every ``jax.jit`` of the run.
+  """
+  lrs: np.ndarray
+  opt_init: Callable[..., Any]
+  opt_abstract: Any
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+  traces: dict[str, int]
+  jit_kw: dict[str, Any]
+
+
+def setup_steps(args: argparse.Namespace, model: Model,
+                placement: Placement) -> Steps:
+  """Builds the optimizer and the jitted steps; sets the state shardings."""
+  jit_kw = {}
+  if args.fast_compile and jax.default_backend() == "cpu":
+    jit_kw["compiler_options"] = FAST_COMPILE_OPTIONS
+  schedule = make_schedule(args)
+  # The learning rate of update k (1-based) is schedule(k - 1); computed
+  # once, not with one tiny dispatch per step.
+  lrs = np.asarray(jax.jit(jax.vmap(schedule), **jit_kw)(
+      jnp.arange(args.steps)))
+  tx = build_tx(args, schedule, model.params_abstract)
+  opt_init, core_step = make_update(args, model, tx)
+  opt_abstract = jax.eval_shape(opt_init, model.stored_abstract)
+  placement.opt_state = tree_shardings(placement.mesh, opt_abstract)
+  print_setup(args, model, placement, opt_abstract)
   traces = {"train": 0, "eval": 0}
 
   def train_step(params, opt_state, batch, rng, micro_step):
     traces["train"] += 1  # runs only while tracing
-    if not int8_weights:
+    if not model.int8_weights:
       return core_step(params, opt_state, batch)
     key = None
     if args.weight_rounding == "stochastic":
@@ -751,156 +870,257 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   def eval_step(params, batch):
     traces["eval"] += 1
-    logits = nnx.merge(graphdef, dequantize(params))(batch["input_ids"])
+    logits = nnx.merge(model.graphdef, model.dequantize(params))(
+        batch["input_ids"])
     loss, count = llama.cross_entropy(logits, batch["labels"])
     return loss * count, count
 
-  train_step = jax.jit(
-      train_step, donate_argnums=(0, 1),
-      in_shardings=(param_sh, opt_sh, batch_sharding, replicated,
-                    replicated),
-      out_shardings=(param_sh, opt_sh, replicated), **jit_kw)
-  eval_step = jax.jit(eval_step, in_shardings=(param_sh, batch_sharding),
-                      out_shardings=(replicated, replicated), **jit_kw)
+  sh = placement
+  return Steps(
+      lrs=lrs, opt_init=opt_init, opt_abstract=opt_abstract,
+      train_step=jax.jit(
+          train_step, donate_argnums=(0, 1),
+          in_shardings=(sh.params, sh.opt_state, sh.batch, sh.replicated,
+                        sh.replicated),
+          out_shardings=(sh.params, sh.opt_state, sh.replicated), **jit_kw),
+      eval_step=jax.jit(
+          eval_step, in_shardings=(sh.params, sh.batch),
+          out_shardings=(sh.replicated, sh.replicated), **jit_kw),
+      traces=traces, jit_kw=jit_kw)
 
-  def put(batch):
-    # Every process holds the whole global batch (a pure function of seed
-    # and step) and provides the slices of its own devices.
-    return jax.tree.map(
-        lambda x: jax.make_array_from_callback(
-            x.shape, batch_sharding, lambda index: x[index]), batch)
 
-  def evaluate(params) -> tuple[float, float]:
-    total = count = 0.0
-    for b in eval_batches:
-      s, c = eval_step(params, put(b))
-      total += float(s)
-      count += float(c)
-    loss = total / max(count, 1.0)
-    return loss, math.exp(min(loss, 700.0))
+def print_setup(args: argparse.Namespace, model: Model, placement: Placement,
+                opt_abstract: Any) -> None:
+  """Prints the model, optimizer, mesh and int8-weight line."""
+  weights_msg = ""
+  if model.int8_weights:
+    n_int8 = sum(int(np.prod(x.codes.shape)) for x in jax.tree.leaves(
+        model.stored_abstract, is_leaf=weight_quantization.is_quantized)
+                 if weight_quantization.is_quantized(x))
+    weights_msg = (f"; int8 weights: {n_int8:,} values "
+                   f"({args.weight_rounding} rounding, groups of "
+                   f"{args.weight_group_size})")
+  mesh = placement.mesh
+  print(f"model: {args.model} ({model.n_params:,} parameters, "
+        f"{_fmt_bytes(tree_bytes(model.params_abstract))} "
+        f"{args.param_dtype}); optimizer: {args.optimizer} (lr {args.lr:g}, "
+        f"state {_fmt_bytes(tree_bytes(opt_abstract))}); mesh "
+        f"{dict(mesh.shape)} on {mesh.devices.size} "
+        f"{jax.devices()[0].platform} device(s){weights_msg}")
 
-  # -- state: fresh or restored ---------------------------------------------
-  # Replicated over the mesh (not on one device), so that every process
-  # of a multi-host job holds it and Orbax can save it.
-  rng_key = jax.device_put(jax.random.key_data(jax.random.key(args.seed)),
-                           replicated)
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=args.keep_checkpoints, create=True,
-      # Synchronous: the next train step donates (deletes) these buffers.
-      enable_async_checkpointing=False)
-  if not args.resume and ckpt_dir.exists():
-    print(f"Not resuming: removing the old checkpoints in {ckpt_dir}.")
-    shutil.rmtree(ckpt_dir)
-  manager = ocp.CheckpointManager(ckpt_dir, options=options)
-  resume_key = {k: getattr(args, k) for k in RESUME_KEYS}
-  start_step, elapsed_before = 0, 0.0
-  latest = manager.latest_step() if args.resume else None
-  if args.resume and latest is None:
-    print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch.")
-  if latest is not None:
-    abstract_state = {
-        "params": jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            stored_abstract, param_sh),
-        "opt_state": jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            opt_abstract, opt_sh),
-        "rng": jax.ShapeDtypeStruct(rng_key.shape, rng_key.dtype,
-                                    sharding=replicated),
-    }
-    restored = manager.restore(latest, args=ocp.args.Composite(
+
+# ---------------------------------------------------------------------------
+# Checkpointing
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainState:
+  """The state a checkpoint holds, and where the run starts.
+
+  Attributes:
+    params: the stored parameters (int8 where selected).
+    opt_state: the optimizer state.
+    rng: the run's key data, replicated over the mesh.
+    start_step: the updates done before this run (0 unless resumed).
+    elapsed_before: the training seconds of the runs before a resume.
+  """
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  start_step: int = 0
+  elapsed_before: float = 0.0
+
+
+class Checkpoints:
+  """Orbax checkpoints of a ``TrainState``, with data position and arguments.
+
+  Args:
+    args: the parsed arguments (``resume``, ``keep_checkpoints``, and the
+      ``RESUME_KEYS`` saved with every checkpoint).
+    directory: the checkpoint directory; emptied unless resuming.
+  """
+
+  def __init__(self, args: argparse.Namespace, directory: Path):
+    import orbax.checkpoint as ocp  # noqa: PLC0415  (slow import, only here)
+    self.ocp = ocp
+    self.directory = directory
+    self.args = args
+    self.resume_key = {k: getattr(args, k) for k in RESUME_KEYS}
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=args.keep_checkpoints, create=True,
+        # Synchronous: the next train step donates (deletes) these buffers.
+        enable_async_checkpointing=False)
+    if not args.resume and directory.exists():
+      print(f"Not resuming: removing the old checkpoints in {directory}.")
+      shutil.rmtree(directory)
+    self.manager = ocp.CheckpointManager(directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore(self, step: int, abstract_state: dict[str, Any]
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state saved at ``step`` and its metadata; warns on changed args."""
+    ocp = self.ocp
+    restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         meta=ocp.args.JsonRestore()))
     meta = restored["meta"]
-    changed = {k: (meta["args"].get(k), v) for k, v in resume_key.items()
+    changed = {k: (meta["args"].get(k), v)
+               for k, v in self.resume_key.items()
                if json.dumps(meta["args"].get(k)) != json.dumps(v)}
     if changed:
       warnings.warn(f"Resuming with changed arguments {changed}: the run "
                     "will not reproduce an uninterrupted one.")
-    params = restored["state"]["params"]
-    opt_state = restored["state"]["opt_state"]
-    rng_key = restored["state"]["rng"]
-    start_step = int(meta["step"])
-    elapsed_before = float(meta.get("elapsed", 0.0))
-    if int(meta["data_step"]) != start_step * args.grad_accum:
-      raise ValueError("Checkpoint data position does not match its step.")
-    print(f"Resumed from {ckpt_dir / str(latest)} at step {start_step}.")
-  else:
-    init = jax.jit(
-        lambda: quantize(llama.get_params(llama.build_model(
-            config, rngs=args.seed, **model_kw))),
-        out_shardings=param_sh, **jit_kw)
-    params = init()
-    opt_state = jax.jit(opt_init,
-                        out_shardings=opt_sh, **jit_kw)(params)
+    return restored["state"], meta
 
-  def save(step: int, elapsed: float) -> None:
-    meta = {"step": step, "data_step": step * args.grad_accum,
-            "seed": args.seed, "elapsed": elapsed, "args": resume_key}
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(
-            {"params": params, "opt_state": opt_state, "rng": rng_key}),
+  def save(self, step: int, state: TrainState, elapsed: float) -> None:
+    meta = {"step": step, "data_step": step * self.args.grad_accum,
+            "seed": self.args.seed, "elapsed": elapsed,
+            "args": self.resume_key}
+    ocp = self.ocp
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": state.params,
+                                     "opt_state": state.opt_state,
+                                     "rng": state.rng}),
         meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
+    self.manager.wait_until_finished()
 
-  # -- outputs -------------------------------------------------------------
-  metrics_path = out_dir / "metrics.csv"
-  rows = _read_metrics(metrics_path, start_step) if start_step else []
-  with (out_dir / "args.json").open("w") as f:
-    json.dump(vars(args), f, indent=2)
-  metrics_file = metrics_path.open("w", newline="")
-  writer = csv.DictWriter(metrics_file, fieldnames=METRIC_FIELDS)
-  writer.writeheader()
-  writer.writerows(rows)
-  metrics_file.flush()
-  tb = _TensorBoard(out_dir / "tensorboard" if args.tensorboard else None)
+  def close(self) -> None:
+    self.manager.close()
 
-  def record(row: dict[str, Any]) -> None:
+
+def restore_or_init(args: argparse.Namespace, model: Model,
+                    placement: Placement, steps: Steps,
+                    checkpoints: Checkpoints) -> TrainState:
+  """The latest checkpoint's state with ``--resume``, else a fresh one."""
+  # Replicated over the mesh (not on one device), so that every process
+  # of a multi-host job holds it and Orbax can save it.
+  rng = jax.device_put(jax.random.key_data(jax.random.key(args.seed)),
+                       placement.replicated)
+  latest = checkpoints.latest_step() if args.resume else None
+  if args.resume and latest is None:
+    print(f"--resume: no checkpoint in {checkpoints.directory}; starting "
+          "from scratch.")
+  if latest is None:
+    init = jax.jit(
+        lambda: model.quantize(llama.get_params(llama.build_model(
+            model.config, rngs=args.seed, **model.model_kw))),
+        out_shardings=placement.params, **steps.jit_kw)
+    params = init()
+    opt_state = jax.jit(steps.opt_init, out_shardings=placement.opt_state,
+                        **steps.jit_kw)(params)
+    return TrainState(params, opt_state, rng)
+
+  def sharded(tree, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        tree, shardings)
+
+  restored, meta = checkpoints.restore(latest, {
+      "params": sharded(model.stored_abstract, placement.params),
+      "opt_state": sharded(steps.opt_abstract, placement.opt_state),
+      "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype,
+                                  sharding=placement.replicated),
+  })
+  start_step = int(meta["step"])
+  if int(meta["data_step"]) != start_step * args.grad_accum:
+    raise ValueError("Checkpoint data position does not match its step.")
+  print(f"Resumed from {checkpoints.directory / str(latest)} at step "
+        f"{start_step}.")
+  return TrainState(restored["params"], restored["opt_state"],
+                    restored["rng"], start_step,
+                    float(meta.get("elapsed", 0.0)))
+
+
+# ---------------------------------------------------------------------------
+# Metrics, evaluation and the training loop
+# ---------------------------------------------------------------------------
+
+
+class Metrics:
+  """``metrics.csv`` (continued on resume), TensorBoard, ``args.json``.
+
+  Args:
+    out_dir: the output directory.
+    args: the parsed arguments, written to ``args.json``.
+    start_step: rows of an earlier run up to this step are kept.
+  """
+
+  def __init__(self, out_dir: Path, args: argparse.Namespace,
+               start_step: int):
+    path = out_dir / "metrics.csv"
+    self.rows = _read_metrics(path, start_step) if start_step else []
+    with (out_dir / "args.json").open("w") as f:
+      json.dump(vars(args), f, indent=2)
+    self.file = path.open("w", newline="")
+    self.writer = csv.DictWriter(self.file, fieldnames=METRIC_FIELDS)
+    self.writer.writeheader()
+    self.writer.writerows(self.rows)
+    self.file.flush()
+    self.tb = _TensorBoard(out_dir / "tensorboard" if args.tensorboard
+                           else None)
+
+  def record(self, row: dict[str, Any]) -> None:
+    """Appends a row: floats as their exact ``repr``, missing values empty."""
     row = {k: ("" if v is None else (repr(float(v)) if k != "step" else v))
            for k, v in row.items()}
-    writer.writerow(row)
-    rows.append(row)
+    self.writer.writerow(row)
+    self.rows.append(row)
 
-  # -- loop ----------------------------------------------------------------
-  tokens_per_update = args.batch_size * args.seq_len * args.grad_accum
-  start_eval = None
-  for r in rows:  # a resumed run's first evaluation
-    if r.get("eval_loss"):
-      start_eval = (float(r["eval_loss"]), float(r["eval_ppl"]))
-      break
-  last_eval: tuple[float, float] | None = None
-  rates: list[float] = []
-  t_loop = time.perf_counter()
+  def flush(self) -> None:
+    self.file.flush()
 
-  def elapsed() -> float:
-    return elapsed_before + time.perf_counter() - t_loop
+  def close(self) -> None:
+    self.file.close()
+    self.tb.close()
 
-  def do_eval(step: int) -> tuple[float, float]:
-    loss, ppl = evaluate(params)
-    record({"step": step, "eval_loss": loss, "eval_ppl": ppl,
-            "elapsed": elapsed()})
-    tb.scalar("eval/loss", loss, step)
-    tb.scalar("eval/perplexity", ppl, step)
-    return loss, ppl
 
-  if start_step == 0:
-    start_eval = last_eval = do_eval(0)
-    print(f"step 0: eval loss {start_eval[0]:.4f} (ppl {start_eval[1]:.2f})")
+def evaluate(steps: Steps, placement: Placement, params: Any,
+             eval_batches: Any) -> tuple[float, float]:
+  """Mean held-out loss per token and its perplexity."""
+  total = count = 0.0
+  for b in eval_batches:
+    s, c = steps.eval_step(params, placement.put(b))
+    total += float(s)
+    count += float(c)
+  loss = total / max(count, 1.0)
+  return loss, math.exp(min(loss, 700.0))
 
-  try:
-    from tqdm.auto import tqdm  # noqa: PLC0415
-  except ImportError:
-    tqdm = None
-  bar = None
-  if tqdm is not None and args.progress:
-    bar = tqdm(total=args.steps, initial=start_step, desc="train",
-               unit="step", dynamic_ncols=True, mininterval=0.5)
-  window = _Window(start=time.perf_counter())
-  first_rate: list[float] = []
-  last_train_loss = [float("nan")]
 
-  def flush() -> None:
-    nonlocal window
+@dataclasses.dataclass
+class _Window:
+  """Losses fetched lazily; a sync per log window, not per step."""
+  start: float
+  tokens: int = 0
+  pending: list = dataclasses.field(default_factory=list)
+
+
+class _TrainLog:
+  """Training losses, learning rates and throughput, one window at a time.
+
+  Args:
+    metrics: where the rows go.
+    lrs: the learning rate of update ``k`` at index ``k - 1``.
+    bar: the tqdm progress bar, or None.
+    elapsed: the training seconds so far.
+  """
+
+  def __init__(self, metrics: Metrics, lrs: np.ndarray, bar: Any,
+               elapsed: Callable[[], float]):
+    self.metrics, self.lrs, self.bar, self.elapsed = metrics, lrs, bar, elapsed
+    self.window = _Window(start=time.perf_counter())
+    self.first_rate: list[float] = []
+    self.later_rates: list[float] = []
+    self.last_train_loss = float("nan")
+
+  def restart_window(self) -> None:
+    self.window = _Window(start=time.perf_counter())
+
+  def flush(self) -> None:
+    """Fetches the window's losses, records them and starts a new window."""
+    window = self.window
     if not window.pending:
       return
     losses = jax.device_get([l for _, l in window.pending])
@@ -908,39 +1128,104 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rate = window.tokens / max(now - window.start, 1e-9)
     # The first window of a run includes the compilation: it counts towards
     # the peak only when it is the only one.
-    (rates if first_rate else first_rate).append(rate)
+    (self.later_rates if self.first_rate else self.first_rate).append(rate)
+    tb = self.metrics.tb
     for (step, _), micro in zip(window.pending, losses):
       loss = float(np.mean(micro))
-      lr = float(lrs[step - 1])
-      record({"step": step, "train_loss": loss, "lr": lr,
-              "tokens_per_s": rate, "elapsed": elapsed()})
+      lr = float(self.lrs[step - 1])
+      self.metrics.record({"step": step, "train_loss": loss, "lr": lr,
+                           "tokens_per_s": rate, "elapsed": self.elapsed()})
       tb.scalar("train/loss", loss, step)
       tb.scalar("train/lr", lr, step)
       tb.scalar("train/tokens_per_s", rate, step)
-      last_train_loss[0] = loss
-    metrics_file.flush()
-    if bar is not None:
-      bar.set_postfix(loss=f"{last_train_loss[0]:.3f}", tok_s=f"{rate:,.0f}",
-                      mem=_fmt_bytes(memory_usage()[0]), refresh=False)
-    window = _Window(start=time.perf_counter())
+      self.last_train_loss = loss
+    self.metrics.flush()
+    if self.bar is not None:
+      self.bar.set_postfix(
+          loss=f"{self.last_train_loss:.3f}", tok_s=f"{rate:,.0f}",
+          mem=_fmt_bytes(memory_usage()[0]), refresh=False)
+    self.restart_window()
 
-  step = start_step
+  def rates(self) -> list[float]:
+    """Tokens per second of the windows that count towards the peak."""
+    return self.later_rates or self.first_rate
+
+
+def _progress_bar(args: argparse.Namespace, start_step: int) -> Any:
+  """A tqdm bar over the updates, or None (disabled or not installed)."""
+  try:
+    from tqdm.auto import tqdm  # noqa: PLC0415
+  except ImportError:
+    return None
+  if not args.progress:
+    return None
+  return tqdm(total=args.steps, initial=start_step, desc="train",
+              unit="step", dynamic_ncols=True, mininterval=0.5)
+
+
+@dataclasses.dataclass
+class Outcome:
+  """What the training loop measured.
+
+  Attributes:
+    start_eval: ``(loss, perplexity)`` at step 0 (of the first run).
+    last_eval: the last ``(loss, perplexity)`` of this run, or None.
+    rates: tokens per second of the windows that count towards the peak.
+    first_step_s: seconds of the first step, compilation included.
+  """
+  start_eval: tuple[float, float] | None
+  last_eval: tuple[float, float] | None
+  rates: list[float]
+  first_step_s: float | None
+
+
+def train(args: argparse.Namespace, data: Data, placement: Placement,
+          steps: Steps, state: TrainState, checkpoints: Checkpoints,
+          metrics: Metrics) -> Outcome:
+  """The training loop: updates, evaluations, logging and checkpoints.
+
+  ``state`` holds the current parameters and optimizer state throughout.
+  """
+  tokens_per_update = args.batch_size * args.seq_len * args.grad_accum
+  start_eval = next(((float(r["eval_loss"]), float(r["eval_ppl"]))
+                     for r in metrics.rows if r.get("eval_loss")), None)
+  last_eval: tuple[float, float] | None = None
+  t_loop = time.perf_counter()
+
+  def elapsed() -> float:
+    return state.elapsed_before + time.perf_counter() - t_loop
+
+  def do_eval(step: int) -> tuple[float, float]:
+    loss, ppl = evaluate(steps, placement, state.params, data.eval_batches)
+    metrics.record({"step": step, "eval_loss": loss, "eval_ppl": ppl,
+                    "elapsed": elapsed()})
+    metrics.tb.scalar("eval/loss", loss, step)
+    metrics.tb.scalar("eval/perplexity", ppl, step)
+    return loss, ppl
+
+  if state.start_step == 0:
+    start_eval = last_eval = do_eval(0)
+    print(f"step 0: eval loss {start_eval[0]:.4f} (ppl {start_eval[1]:.2f})")
+  bar = _progress_bar(args, state.start_step)
+  log = _TrainLog(metrics, steps.lrs, bar, elapsed)
+  step = state.start_step
   first_step_s = None
   t_first = time.perf_counter()
   while step < args.steps:
     micro_losses = []
     for k in range(args.grad_accum):
-      batch = put(train_batches.batch(step * args.grad_accum + k))
-      params, opt_state, loss = train_step(
-          params, opt_state, batch, rng_key,
-          np.int32(step * args.grad_accum + k))
+      micro_step = step * args.grad_accum + k
+      batch = placement.put(data.train_batches.batch(micro_step))
+      state.params, state.opt_state, loss = steps.train_step(
+          state.params, state.opt_state, batch, state.rng,
+          np.int32(micro_step))
       micro_losses.append(loss)
       if first_step_s is None:
         loss.block_until_ready()
         first_step_s = time.perf_counter() - t_first
     step += 1
-    window.pending.append((step, micro_losses))
-    window.tokens += tokens_per_update
+    log.window.pending.append((step, micro_losses))
+    log.window.tokens += tokens_per_update
     if bar is not None:
       bar.update(1)
     is_last = step == args.steps
@@ -949,31 +1234,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         is_last or (args.checkpoint_every
                     and step % args.checkpoint_every == 0))
     if step % args.log_every == 0 or eval_due or ckpt_due:
-      flush()
+      log.flush()
     if eval_due:
       last_eval = do_eval(step)
-      msg = (f"step {step}: train loss {last_train_loss[0]:.4f}, "
+      msg = (f"step {step}: train loss {log.last_train_loss:.4f}, "
              f"eval loss {last_eval[0]:.4f} (ppl {last_eval[1]:.2f})")
       (bar.write if bar is not None else print)(msg)
-      metrics_file.flush()
+      metrics.flush()
     if ckpt_due:
-      save(step, elapsed())
+      checkpoints.save(step, state, elapsed())
     if eval_due or ckpt_due:
-      window = _Window(start=time.perf_counter())  # exclude eval/saving time
-  flush()
-  if not rates:
-    rates.extend(first_rate)
+      log.restart_window()  # exclude eval/saving time
+  log.flush()
   if bar is not None:
     bar.close()
-  metrics_file.close()
-  tb.close()
-  manager.close()
+  return Outcome(start_eval, last_eval, log.rates(), first_step_s)
 
-  if traces["train"] > 1 or traces["eval"] > 1:
-    warnings.warn(f"Retraced: train step traced {traces['train']} times, eval "
-                  f"step {traces['eval']} times (expected once each).")
 
-  # -- summary -------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Summary and report
+# ---------------------------------------------------------------------------
+
+
+def summarize(args: argparse.Namespace, model: Model, placement: Placement,
+              steps: Steps, state: TrainState, outcome: Outcome,
+              rows: list[dict[str, str]], out_dir: Path,
+              t_main: float) -> dict[str, Any]:
+  """The run's summary dict (see ``summary.json``)."""
+  start_eval, last_eval, rates = (outcome.start_eval, outcome.last_eval,
+                                  outcome.rates)
   if last_eval is None and rows:  # resumed at the end: nothing ran
     evals = [r for r in rows if r.get("eval_loss")]
     if evals:
@@ -981,17 +1270,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    float(evals[-1]["eval_ppl"]))
   train_rows = [r for r in rows if r.get("train_loss")]
   mem_bytes, mem_where = memory_usage()
-  summary = {
+
+  def sharded_leaves(shardings: Any) -> int:
+    return sum(any(a is not None for a in sh.spec)
+               for sh in jax.tree.leaves(shardings))
+
+  return {
       "model": args.model,
       "optimizer": args.optimizer,
-      "layerwise": layerwise,
+      "layerwise": is_layerwise(args.optimizer),
       "steps": args.steps,
-      "start_step": start_step,
-      "tokens_per_update": tokens_per_update,
-      "param_count": n_params,
-      "param_bytes": tree_bytes(stored_abstract),
+      "start_step": state.start_step,
+      "tokens_per_update": args.batch_size * args.seq_len * args.grad_accum,
+      "param_count": model.n_params,
+      "param_bytes": tree_bytes(model.stored_abstract),
       "weights": args.weights,
-      "opt_state_bytes": opt_bytes,
+      "opt_state_bytes": tree_bytes(steps.opt_abstract),
       "start_eval_loss": start_eval[0] if start_eval else None,
       "start_eval_ppl": start_eval[1] if start_eval else None,
       "final_eval_loss": last_eval[0] if last_eval else None,
@@ -1001,19 +1295,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "peak_tokens_per_s": max(rates) if rates else None,
       "peak_memory_bytes": mem_bytes,
       "peak_memory_source": mem_where,
-      "first_step_s": first_step_s,  # includes compiling the step
-      "train_step_traces": traces["train"],
-      "eval_step_traces": traces["eval"],
-      "mesh": dict(mesh.shape),
-      "sharded_param_leaves": sum(
-          any(a is not None for a in sh.spec)
-          for sh in jax.tree.leaves(param_sh)),
-      "sharded_opt_state_leaves": sum(
-          any(a is not None for a in sh.spec)
-          for sh in jax.tree.leaves(opt_sh)),
+      "first_step_s": outcome.first_step_s,  # includes compiling the step
+      "train_step_traces": steps.traces["train"],
+      "eval_step_traces": steps.traces["eval"],
+      "mesh": dict(placement.mesh.shape),
+      "sharded_param_leaves": sharded_leaves(placement.params),
+      "sharded_opt_state_leaves": sharded_leaves(placement.opt_state),
       "wall_time_s": time.perf_counter() - t_main,
       "out_dir": str(out_dir),
   }
+
+
+def report(args: argparse.Namespace, summary: dict[str, Any],
+           rows: list[dict[str, str]], out_dir: Path) -> None:
+  """Writes ``summary.json`` and ``loss.png``; prints the summary."""
   with (out_dir / "summary.json").open("w") as f:
     json.dump(summary, f, indent=2)
   if args.plot:
@@ -1025,15 +1320,53 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   print(
       f"\n== {args.optimizer} on {args.model}: {args.steps} steps "
-      f"({tokens_per_update:,} tokens each) ==\n"
+      f"({summary['tokens_per_update']:,} tokens each) ==\n"
       f"eval loss  {fmt(summary['start_eval_loss'], '.4f')} -> "
       f"{fmt(summary['final_eval_loss'], '.4f')}   "
       f"(ppl {fmt(summary['start_eval_ppl'], '.2f')} -> "
       f"{fmt(summary['final_eval_ppl'], '.2f')})\n"
-      f"parameters {n_params:,}; optimizer state "
-      f"{_fmt_bytes(opt_bytes)}; peak {fmt(summary['peak_tokens_per_s'], ',.0f')}"
-      f" tokens/s; peak memory {_fmt_bytes(mem_bytes)} ({mem_where})\n"
+      f"parameters {summary['param_count']:,}; optimizer state "
+      f"{_fmt_bytes(summary['opt_state_bytes'])}; peak "
+      f"{fmt(summary['peak_tokens_per_s'], ',.0f')} tokens/s; peak memory "
+      f"{_fmt_bytes(summary['peak_memory_bytes'])} "
+      f"({summary['peak_memory_source']})\n"
       f"wall time {summary['wall_time_s']:.1f} s; outputs in {out_dir}")
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  """Runs pre-training; returns (and writes) the summary.
+
+  Args:
+    argv: command-line arguments (default ``sys.argv[1:]``).
+
+  Returns:
+    The summary dict also written to ``summary.json``.
+  """
+  t_main = time.perf_counter()
+  args = parse_args(argv)
+  out_dir, ckpt_dir = prepare_run(args)
+  data = load_data(args)
+  model = setup_model(args, data.corpus)
+  placement = setup_mesh(args, model)
+  steps = setup_steps(args, model, placement)
+  checkpoints = Checkpoints(args, ckpt_dir)
+  state = restore_or_init(args, model, placement, steps, checkpoints)
+  metrics = Metrics(out_dir, args, state.start_step)
+  outcome = train(args, data, placement, steps, state, checkpoints, metrics)
+  metrics.close()
+  checkpoints.close()
+  if steps.traces["train"] > 1 or steps.traces["eval"] > 1:
+    warnings.warn(f"Retraced: train step traced {steps.traces['train']} "
+                  f"times, eval step {steps.traces['eval']} times (expected "
+                  "once each).")
+  summary = summarize(args, model, placement, steps, state, outcome,
+                      metrics.rows, out_dir, t_main)
+  report(args, summary, metrics.rows, out_dir)
   return summary
 
 

@@ -1,5 +1,10 @@
 """Ready optimizers: chains of ``galore_project`` and optax primitives.
 
+The GaLore aliases take ``galore_project``'s keyword arguments as their own.
+``GaLoreOptions`` declares them once, with their defaults and documentation;
+each alias lists them in its signature (for users and IDEs), gets their
+documentation from ``GaLoreOptions`` and forwards them through it.
+
 References:
   Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
   Projection", ICML 2024, arXiv 2403.03507.
@@ -7,8 +12,11 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import inspect
+import textwrap
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 import optax
 
@@ -16,26 +24,136 @@ from galore_optax import targets
 from galore_optax._checks import check_finite_number
 from galore_optax.adafactor import scale_by_adafactor
 from galore_optax.state_8bit import quantize_state_8bit
+from galore_optax.transform import MatrixAxes
 from galore_optax.transform import galore_project
+
+
+class GaLoreOptions(NamedTuple):
+  """The keyword arguments of ``galore_project`` that the GaLore aliases take.
+
+  Every GaLore alias accepts these by keyword, with these defaults (Hugging
+  Face's for ``rank``, ``update_proj_gap``, ``scale`` and ``proj_type``), and
+  passes them unchanged to ``galore_project``, which describes them in full.
+
+  Attributes:
+    rank: GaLore rank ``r`` (each matrix uses ``min(r, m, n)``).
+    update_proj_gap: updates between projector refreshes ``T``.
+    scale: ``alpha``, multiplies the back-projected update.
+    proj_type: ``std``, ``reverse_std``, ``left``, ``right`` or ``full``.
+    projector_method: ``svd`` (exact) or ``randomized``.
+    projector_dtype: ``float32``, ``bfloat16`` or ``int8`` projectors.
+    stagger_refresh: spread projector refreshes over the window.
+    moments: ``keep`` (the reference), ``project`` or ``reset``: what
+      happens to the moments at a refresh (see ``galore_project``).
+    matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
+      is not their last two axes (see ``galore_project``).
+    seed: seed of the randomized projector's random test matrices.
+  """
+
+  rank: int = 128
+  update_proj_gap: int = 200
+  scale: float = 0.25
+  proj_type: str = "std"
+  projector_method: str = "svd"
+  projector_dtype: str = "float32"
+  stagger_refresh: bool = False
+  moments: str = "keep"
+  matrix_axes: MatrixAxes | None = None
+  seed: int = 0
+
+  @classmethod
+  def from_arguments(cls, arguments: Mapping[str, Any]) -> GaLoreOptions:
+    """Picks the options out of an alias' arguments.
+
+    Args:
+      arguments: the alias' arguments by name, e.g. its ``locals()``.
+
+    Returns:
+      A ``GaLoreOptions`` with the alias' values.
+    """
+    return cls(**{name: arguments[name] for name in cls._fields})
+
+
+# The defaults of the aliases' signatures.
+_DEFAULT = GaLoreOptions()
+
+# The line of an alias' Args section that stands for the GaLore arguments.
+_OPTIONS_PLACEHOLDER = "{GaLoreOptions}"
+
+_Alias = TypeVar("_Alias", bound=Callable[..., Any])
+
+
+def _options_doc(indent: str) -> str:
+  """``GaLoreOptions``' Attributes entries, indented as Args entries."""
+  entries = GaLoreOptions.__doc__.split("Attributes:\n", 1)[1]
+  return textwrap.indent(textwrap.dedent(entries).strip("\n"), indent)
+
+
+def _takes_galore_options(alias: _Alias) -> _Alias:
+  """Checks an alias' GaLore arguments and writes their documentation.
+
+  Args:
+    alias: a factory whose signature lists every ``GaLoreOptions`` field as
+      a keyword-only argument with the declared type and default, and whose
+      docstring's Args section has a ``{GaLoreOptions}`` line.
+
+  Returns:
+    ``alias``, its placeholder line replaced by ``GaLoreOptions``'
+    attribute documentation.
+
+  Raises:
+    TypeError: if the signature or the docstring disagrees with
+      ``GaLoreOptions``, so that they cannot drift apart.
+  """
+  parameters = inspect.signature(alias).parameters
+  alias_types = typing.get_type_hints(alias)
+  for name, expected_type in typing.get_type_hints(GaLoreOptions).items():
+    parameter = parameters.get(name)
+    default = GaLoreOptions._field_defaults[name]
+    if (parameter is None or parameter.kind != parameter.KEYWORD_ONLY or
+        parameter.default != default or alias_types[name] != expected_type):
+      raise TypeError(
+          f"{alias.__name__} must take the keyword-only argument {name}: "
+          f"{expected_type} = {default!r}, as GaLoreOptions declares.")
+  if alias.__doc__ is not None:  # None under python -OO
+    lines = alias.__doc__.split("\n")
+    at = [i for i, line in enumerate(lines)
+          if line.strip() == _OPTIONS_PLACEHOLDER]
+    if len(at) != 1:
+      raise TypeError(f"{alias.__name__}'s docstring needs one "
+                      f"{_OPTIONS_PLACEHOLDER} line in its Args section.")
+    indent = lines[at[0]][:-len(lines[at[0]].lstrip())]
+    lines[at[0]] = _options_doc(indent)
+    alias.__doc__ = "\n".join(lines)
+  return alias
 
 
 def _galore_chain(
     make_inner: Callable[[], optax.GradientTransformation],
     *tail: optax.GradientTransformation,
     target_modules: targets.TargetModules,
-    **galore_kwargs: Any,
+    options: GaLoreOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """Targets get ``galore_project(inner)``, other leaves ``inner`` itself.
 
   ``tail`` (weight decay, learning rate, sign) then applies to the full-size
   updates of every leaf. Where the learning rate goes depends on the inner
   optimizer: after the projection for Adam, inside ``inner`` for Adafactor.
+
+  Args:
+    make_inner: builds the inner optimizer (called once per partition).
+    *tail: transformations applied after the partition, to every leaf.
+    target_modules: which leaves are projected (``galore_optax.targets``).
+    options: the GaLore keyword arguments of ``galore_project``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
   """
   return optax.chain(
       optax.partition(
           {
               targets.GALORE_LABEL: galore_project(make_inner(),
-                                                   **galore_kwargs),
+                                                   **options._asdict()),
               targets.FULL_RANK_LABEL: make_inner(),
           },
           targets.galore_labels(target_modules),
@@ -44,13 +162,10 @@ def _galore_chain(
   )
 
 
+@_takes_galore_options
 def galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -58,12 +173,17 @@ def galore_adamw(
     target_modules: targets.TargetModules = None,
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
-    projector_method: str = "svd",
-    projector_dtype: str = "float32",
-    stagger_refresh: bool = False,
-    moments: str = "keep",
-    matrix_axes: Any = None,
-    seed: int = 0,
+    # GaLoreOptions:
+    rank: int = _DEFAULT.rank,
+    update_proj_gap: int = _DEFAULT.update_proj_gap,
+    scale: float = _DEFAULT.scale,
+    proj_type: str = _DEFAULT.proj_type,
+    projector_method: str = _DEFAULT.projector_method,
+    projector_dtype: str = _DEFAULT.projector_dtype,
+    stagger_refresh: bool = _DEFAULT.stagger_refresh,
+    moments: str = _DEFAULT.moments,
+    matrix_axes: MatrixAxes | None = _DEFAULT.matrix_axes,
+    seed: int = _DEFAULT.seed,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose moments live in a GaLore subspace for the target matrices.
 
@@ -80,10 +200,6 @@ def galore_adamw(
 
   Args:
     learning_rate: a float or an optax schedule.
-    rank: GaLore rank ``r`` (each matrix uses ``min(r, m, n)``).
-    update_proj_gap: updates between projector refreshes ``T``.
-    scale: ``alpha``, multiplies the back-projected update.
-    proj_type: ``std``, ``reverse_std``, ``left``, ``right`` or ``full``.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon, added to the root of the second moment.
@@ -92,14 +208,7 @@ def galore_adamw(
       with two or more dimensions.
     weight_decay_mask: optional mask or mask function for the decay.
     mu_dtype: optional dtype of Adam's first moment.
-    projector_method: ``svd`` (exact) or ``randomized``.
-    projector_dtype: ``float32`` or ``bfloat16`` projector storage.
-    stagger_refresh: spread projector refreshes over the window.
-    moments: ``keep`` (the reference), ``project`` or ``reset``: what
-      happens to the moments at a refresh (see ``galore_project``).
-    matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
-      is not their last two axes (see ``galore_project``).
-    seed: seed of the randomized projector's random test matrices.
+    {GaLoreOptions}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -107,21 +216,13 @@ def galore_adamw(
   References:
     Zhao et al., 2024, arXiv 2403.03507.
   """
+  options = GaLoreOptions.from_arguments(locals())
   return _galore_chain(
       lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
       target_modules=target_modules,
-      rank=rank,
-      update_proj_gap=update_proj_gap,
-      scale=scale,
-      proj_type=proj_type,
-      projector_method=projector_method,
-      projector_dtype=projector_dtype,
-      stagger_refresh=stagger_refresh,
-      moments=moments,
-      matrix_axes=matrix_axes,
-      seed=seed,
+      options=options,
   )
 
 
@@ -136,13 +237,10 @@ def _lr_scaled_weight_decay(
   return weight_decay * learning_rate
 
 
+@_takes_galore_options
 def galore_adafactor(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
     beta1: float | None = None,
     decay_rate: float = -0.8,
     eps: float = 1e-30,
@@ -150,12 +248,17 @@ def galore_adafactor(
     weight_decay: float = 0.0,
     target_modules: targets.TargetModules = None,
     weight_decay_mask: Any = None,
-    projector_method: str = "svd",
-    projector_dtype: str = "float32",
-    stagger_refresh: bool = False,
-    moments: str = "keep",
-    matrix_axes: Any = None,
-    seed: int = 0,
+    # GaLoreOptions:
+    rank: int = _DEFAULT.rank,
+    update_proj_gap: int = _DEFAULT.update_proj_gap,
+    scale: float = _DEFAULT.scale,
+    proj_type: str = _DEFAULT.proj_type,
+    projector_method: str = _DEFAULT.projector_method,
+    projector_dtype: str = _DEFAULT.projector_dtype,
+    stagger_refresh: bool = _DEFAULT.stagger_refresh,
+    moments: str = _DEFAULT.moments,
+    matrix_axes: MatrixAxes | None = _DEFAULT.matrix_axes,
+    seed: int = _DEFAULT.seed,
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor whose factored moments live in a GaLore subspace.
 
@@ -176,10 +279,6 @@ def galore_adafactor(
 
   Args:
     learning_rate: a float or an optax schedule.
-    rank: GaLore rank ``r`` (each matrix uses ``min(r, m, n)``).
-    update_proj_gap: updates between projector refreshes ``T``.
-    scale: ``alpha``, multiplies the back-projected update.
-    proj_type: ``std``, ``reverse_std``, ``left``, ``right`` or ``full``.
     beta1: first-moment decay, or ``None`` (the default) for none.
     decay_rate: second-moment decay exponent, ``beta2_t = 1 - t **
       decay_rate``.
@@ -191,14 +290,7 @@ def galore_adafactor(
     target_modules: which leaves are projected; ``None`` means every leaf
       with two or more dimensions.
     weight_decay_mask: optional mask or mask function for the decay.
-    projector_method: ``svd`` (exact) or ``randomized``.
-    projector_dtype: ``float32``, ``bfloat16`` or ``int8`` projectors.
-    stagger_refresh: spread projector refreshes over the window.
-    moments: ``keep`` (the reference), ``project`` or ``reset``: what
-      happens to the moments at a refresh (see ``galore_project``).
-    matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
-      is not their last two axes (see ``galore_project``).
-    seed: seed of the randomized projector's random test matrices.
+    {GaLoreOptions}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -207,6 +299,7 @@ def galore_adafactor(
     Zhao et al., 2024, arXiv 2403.03507; Shazeer and Stern, 2018,
     arXiv 1804.04235.
   """
+  options = GaLoreOptions.from_arguments(locals())
   check_finite_number("weight_decay", weight_decay)
   return _galore_chain(
       lambda: scale_by_adafactor(learning_rate, beta1=beta1,
@@ -217,16 +310,7 @@ def galore_adafactor(
           weight_decay_mask),
       optax.scale(-1.0),  # scale_by_adafactor's update is not negated
       target_modules=target_modules,
-      rank=rank,
-      update_proj_gap=update_proj_gap,
-      scale=scale,
-      proj_type=proj_type,
-      projector_method=projector_method,
-      projector_dtype=projector_dtype,
-      stagger_refresh=stagger_refresh,
-      moments=moments,
-      matrix_axes=matrix_axes,
-      seed=seed,
+      options=options,
   )
 
 
@@ -272,13 +356,10 @@ def adamw_8bit(
   )
 
 
+@_takes_galore_options
 def galore_adamw_8bit(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -287,12 +368,17 @@ def galore_adamw_8bit(
     weight_decay_mask: Any = None,
     block_size: int = 256,
     min_size: int = 4096,
-    projector_method: str = "svd",
-    projector_dtype: str = "float32",
-    stagger_refresh: bool = False,
-    moments: str = "keep",
-    matrix_axes: Any = None,
-    seed: int = 0,
+    # GaLoreOptions:
+    rank: int = _DEFAULT.rank,
+    update_proj_gap: int = _DEFAULT.update_proj_gap,
+    scale: float = _DEFAULT.scale,
+    proj_type: str = _DEFAULT.proj_type,
+    projector_method: str = _DEFAULT.projector_method,
+    projector_dtype: str = _DEFAULT.projector_dtype,
+    stagger_refresh: bool = _DEFAULT.stagger_refresh,
+    moments: str = _DEFAULT.moments,
+    matrix_axes: MatrixAxes | None = _DEFAULT.matrix_axes,
+    seed: int = _DEFAULT.seed,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore AdamW with 8-bit moments: ``galore_adamw`` + ``adamw_8bit``.
 
@@ -304,26 +390,16 @@ def galore_adamw_8bit(
 
   Args:
     learning_rate: a float or an optax schedule.
-    rank: GaLore rank ``r``.
-    update_proj_gap: updates between projector refreshes.
-    scale: ``alpha``, multiplies the back-projected update.
-    proj_type: ``std``, ``reverse_std``, ``left``, ``right`` or ``full``.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon.
     weight_decay: decoupled weight decay rate.
-    target_modules: which leaves are projected (see ``galore_adamw``).
+    target_modules: which leaves are projected; ``None`` means every leaf
+      with two or more dimensions.
     weight_decay_mask: optional mask or mask function for the decay.
     block_size: values per float32 scale of the 8-bit states.
     min_size: smaller state leaves stay float32.
-    projector_method: ``svd`` (exact) or ``randomized``.
-    projector_dtype: ``float32``, ``bfloat16`` or ``int8`` projectors.
-    stagger_refresh: spread projector refreshes over the window.
-    moments: ``keep`` (the reference), ``project`` or ``reset``: what
-      happens to the moments at a refresh (see ``galore_project``).
-    matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
-      is not their last two axes (see ``galore_project``).
-    seed: seed of the randomized projector's random test matrices.
+    {GaLoreOptions}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -332,6 +408,7 @@ def galore_adamw_8bit(
     Zhao et al., 2024, arXiv 2403.03507; Dettmers et al., 2022,
     arXiv 2110.02861.
   """
+  options = GaLoreOptions.from_arguments(locals())
   return _galore_chain(
       lambda: quantize_state_8bit(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps), block_size=block_size,
@@ -339,14 +416,5 @@ def galore_adamw_8bit(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
       target_modules=target_modules,
-      rank=rank,
-      update_proj_gap=update_proj_gap,
-      scale=scale,
-      proj_type=proj_type,
-      projector_method=projector_method,
-      projector_dtype=projector_dtype,
-      stagger_refresh=stagger_refresh,
-      moments=moments,
-      matrix_axes=matrix_axes,
-      seed=seed,
+      options=options,
   )

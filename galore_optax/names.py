@@ -26,8 +26,9 @@ build a layer-wise train step with it.
 
 ``optim_args`` may set any keyword argument of the optimizer's factory except
 ``learning_rate``, ``weight_decay`` and ``target_modules``, which have their
-own arguments (as in ``transformers``). Unset GaLore arguments take Hugging
-Face's defaults: rank 128, update_proj_gap 200, scale 0.25, proj_type std.
+own arguments (as in ``transformers``). The accepted keys and their defaults
+come from the factory's signature (``optimizer_arguments``); the GaLore ones
+are ``galore_optax.aliases.GaLoreOptions``, whose defaults are Hugging Face's.
 
 Differences from ``transformers`` (5.x), on purpose:
 
