@@ -131,6 +131,26 @@ def plan_leaf(shape: tuple[int, ...], rank: int, proj_type: str) -> LeafPlan:
   return LeafPlan(tuple(shape), left, right, min(rank, m, n))
 
 
+def lowrank_placeholder(leaf: jax.Array,
+                        plan: LeafPlan | None) -> jax.Array:
+  """What stands for a leaf where the inner transformation needs parameters.
+
+  The inner transformation of a projection sees projected leaves at their
+  low-rank shape: its ``init`` (and the search for its moments) gets zeros
+  of that shape in their place, and the other leaves as they are.
+
+  Args:
+    leaf: a parameter (or gradient) leaf, as a matrix.
+    plan: the leaf's plan, or None if it is not projected.
+
+  Returns:
+    ``zeros(plan.lowrank_shape, leaf.dtype)``, or ``leaf`` for None.
+  """
+  if plan is None:
+    return leaf
+  return jnp.zeros(plan.lowrank_shape, leaf.dtype)
+
+
 def _gathered(x: jax.Array) -> jax.Array:
   """Replicates ``x`` if it is explicitly sharded.
 
