@@ -61,8 +61,9 @@ class ScaleByFactoredRmsHfState(NamedTuple):
 
   All moments are float32 (or wider), whatever the gradient's dtype, as in the
   reference, which upcasts half-precision gradients. The field names are
-  those of ``optax.FactoredState``, so ``quantize_state_8bit`` stores them on
-  its unsigned map.
+  those of ``optax.FactoredState``, so ``state_fields.is_second_moment``
+  knows them as second moments (``quantize_state_8bit`` stores them on its
+  unsigned map).
   """
 
   count: jax.Array

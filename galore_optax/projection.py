@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
-from galore_optax import quantization
+from galore_optax import reductions
+from galore_optax import sharding
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PROJECTOR_METHODS = ("svd", "randomized")
@@ -130,9 +131,24 @@ def plan_leaf(shape: tuple[int, ...], rank: int, proj_type: str) -> LeafPlan:
   return LeafPlan(tuple(shape), left, right, min(rank, m, n))
 
 
-def _explicitly_sharded(x: jax.Array) -> bool:
-  """Whether ``x`` is sharded over an axis of an ``Explicit``-typed mesh."""
-  return any(axis is not None for axis in jax.typeof(x).sharding.spec)
+def lowrank_placeholder(leaf: jax.Array,
+                        plan: LeafPlan | None) -> jax.Array:
+  """What stands for a leaf where the inner transformation needs parameters.
+
+  The inner transformation of a projection sees projected leaves at their
+  low-rank shape: its ``init`` (and the search for its moments) gets zeros
+  of that shape in their place, and the other leaves as they are.
+
+  Args:
+    leaf: a parameter (or gradient) leaf, as a matrix.
+    plan: the leaf's plan, or None if it is not projected.
+
+  Returns:
+    ``zeros(plan.lowrank_shape, leaf.dtype)``, or ``leaf`` for None.
+  """
+  if plan is None:
+    return leaf
+  return jnp.zeros(plan.lowrank_shape, leaf.dtype)
 
 
 def _gathered(x: jax.Array) -> jax.Array:
@@ -143,8 +159,9 @@ def _gathered(x: jax.Array) -> jax.Array:
   SVD gathers a full gradient; the randomized method gathers ``m x k``
   blocks.
   """
-  return jax.sharding.reshard(x, PartitionSpec()) if _explicitly_sharded(
-      x) else x
+  if sharding.is_explicitly_sharded(x):
+    return jax.sharding.reshard(x, PartitionSpec())
+  return x
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,8 +194,8 @@ def _contract(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
     raise ValueError(f"operands of {subscripts!r} need equal batch "
                      f"dimensions, got shapes {a.shape} and {b.shape}")
   dims = _dimension_numbers(subscripts, a.ndim)
-  out_sharding = (PartitionSpec() if _explicitly_sharded(a) or
-                  _explicitly_sharded(b) else None)
+  out_sharding = (PartitionSpec() if sharding.is_explicitly_sharded(a) or
+                  sharding.is_explicitly_sharded(b) else None)
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
                              out_sharding=out_sharding)
 
@@ -218,7 +235,7 @@ def canonicalize_column_signs(u: jax.Array) -> jax.Array:
   # The largest-magnitude entry is negative iff max + min < 0 (exact in
   # floating point by Sterbenz's lemma where it matters). One max-and-min
   # reduction compiles several times faster on XLA:CPU than argmax + gather.
-  col_max, col_min = quantization.max_and_min(u, axis=-2)
+  col_max, col_min = reductions.max_and_min(u, axis=-2)
   flip = (col_max + col_min < 0)[..., None, :]
   return u * jnp.where(flip, -1, 1).astype(u.dtype)
 

@@ -19,21 +19,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_optax import adafactor
 from galore_optax import quantization
+from galore_optax import state_fields
 from galore_optax._checks import check_positive_int
 
-KeyPath = jax.tree_util.KeyPath  # as given by jax.tree_util.*_with_path
-
-# State fields holding non-negative second moments. ``nu`` is the second
-# moment of every optax state that has one (Adam and its variants, RMS, SM3,
-# Yogi, Novograd, ...); the ``v*`` names are only claimed for the Adafactor
-# states (optax's and ours) because other states use ``v`` for signed
-# quantities.
-SECOND_MOMENT_FIELDS = frozenset({"nu", "nu_max"})
-FACTORED_SECOND_MOMENT_FIELDS = frozenset({"v_row", "v_col", "v"})
-FACTORED_STATE_TYPES = (optax.FactoredState,
-                        adafactor.ScaleByFactoredRmsHfState)
+KeyPath = state_fields.KeyPath
 
 
 class QuantizedState(NamedTuple):
@@ -61,49 +51,6 @@ class _QuantizedLeaf(quantization.QuantizedArray):
 
 def _is_ours(x: Any) -> bool:
   return isinstance(x, _QuantizedLeaf)
-
-
-def _is_namedtuple(x: Any) -> bool:
-  return isinstance(x, tuple) and hasattr(type(x), "_fields")
-
-
-def is_second_moment(state: optax.OptState, path: KeyPath) -> bool:
-  """The default rule of ``quantize_state_8bit`` for the unsigned map.
-
-  Walks ``path`` from the root of ``state`` and returns True if it passes
-  through a NamedTuple field named ``nu`` or ``nu_max`` (optax's second
-  moments) or through ``v_row``, ``v_col`` or ``v`` of
-  ``optax.FactoredState``. Only NamedTuple fields count, so parameter names
-  below a state field (dict keys, dataclass attributes) never decide.
-
-  Args:
-    state: the inner transformation's state (or its quantised version).
-    path: a key path into ``state``.
-
-  Returns:
-    Whether the leaf at ``path`` is a non-negative second moment.
-  """
-  node = state
-  for key in path:
-    name = getattr(key, "name", None)
-    if _is_namedtuple(node) and name is not None:
-      if name in SECOND_MOMENT_FIELDS:
-        return True
-      if (isinstance(node, FACTORED_STATE_TYPES) and
-          name in FACTORED_SECOND_MOMENT_FIELDS):
-        return True
-    try:
-      if isinstance(key, jax.tree_util.GetAttrKey):
-        node = getattr(node, key.name)
-      elif isinstance(key, jax.tree_util.DictKey):
-        node = node[key.key]
-      elif isinstance(key, jax.tree_util.SequenceKey):
-        node = node[key.idx]
-      else:  # a custom node without named children: below any state field
-        return False
-    except (AttributeError, KeyError, IndexError, TypeError):
-      return False
-  return False
 
 
 # Primitives whose work ``quantize_state_8bit`` will not repeat (see
@@ -193,8 +140,9 @@ def quantize_state_8bit(
     unsigned: ``unsigned(path) -> bool`` says whether the leaf at ``path``
       (a ``jax.tree_util`` key path into ``inner``'s state) is non-negative
       and should use the unsigned map. Negative values of such a leaf are
-      stored as 0. Defaults to ``is_second_moment``: the ``nu`` fields of
-      optax's states and ``v_row``/``v_col``/``v`` of the Adafactor states.
+      stored as 0. Defaults to ``state_fields.is_second_moment``: the ``nu``
+      fields of optax's states and ``v_row``/``v_col``/``v`` of the factored
+      (Adafactor) states.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -222,7 +170,7 @@ def quantize_state_8bit(
   def signed_map(state: optax.OptState, path: KeyPath) -> bool:
     if unsigned is not None:
       return not unsigned(path)
-    return not is_second_moment(state, path)
+    return not state_fields.is_second_moment(state, path)
 
   def init_fn(params: optax.Params) -> QuantizedState:
     inner_state = inner.init(params)

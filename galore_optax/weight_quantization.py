@@ -48,7 +48,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.typing import DTypeLike
 
 from galore_optax import ordering
-from galore_optax import quantization
+from galore_optax import reductions
+from galore_optax import sharding
 from galore_optax import targets
 from galore_optax._checks import check_positive_int
 
@@ -82,15 +83,6 @@ def _group_size(n: int, group_size: int | None) -> int:
   return group_size
 
 
-def _explicit_sharding(x: jax.Array) -> NamedSharding | None:
-  """``x``'s sharding if it is sharded over Explicit mesh axes, else None."""
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  if (not isinstance(sharding, NamedSharding) or sharding.mesh.empty or
-      all(entry is None for entry in sharding.spec)):
-    return None
-  return sharding
-
-
 def _grouped(x: jax.Array, group: int) -> jax.Array:
   """``(..., n) -> (..., n // group, group)``.
 
@@ -98,27 +90,27 @@ def _grouped(x: jax.Array, group: int) -> jax.Array:
   every shard holds whole groups; otherwise the groups are gathered.
   """
   shape = (*x.shape[:-1], x.shape[-1] // group, group)
-  sharding = _explicit_sharding(x)
-  if sharding is None:
+  explicit = sharding.explicit_sharding(x)
+  if explicit is None:
     return x.reshape(shape)
-  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  spec = tuple(explicit.spec) + (None,) * (x.ndim - len(explicit.spec))
   last = spec[-1]
   if last is not None:
     names = last if isinstance(last, tuple) else (last,)
-    shards = math.prod(sharding.mesh.shape[name] for name in names)
+    shards = math.prod(explicit.mesh.shape[name] for name in names)
     if (x.shape[-1] // shards) % group:
       last = None
   return jax.lax.reshape(
-      x, shape, out_sharding=NamedSharding(sharding.mesh,
+      x, shape, out_sharding=NamedSharding(explicit.mesh,
                                            P(*spec[:-1], last, None)))
 
 
 def _ungrouped(y: jax.Array, like: jax.Array) -> jax.Array:
   """Inverse of ``_grouped``, sharded like ``like`` again."""
   out = y.reshape(like.shape)
-  sharding = _explicit_sharding(like)
-  if sharding is not None:
-    out = jax.sharding.reshard(out, sharding)
+  explicit = sharding.explicit_sharding(like)
+  if explicit is not None:
+    out = jax.sharding.reshard(out, explicit)
   return out
 
 
@@ -147,10 +139,6 @@ def _round(t: jax.Array, key: jax.Array | None,
 def _safe(scale: jax.Array) -> jax.Array:
   # An all-zero group has scale 0; any divisor gives it codes 0.
   return jnp.where(scale > 0, scale, jnp.ones_like(scale))
-
-
-def _abs_max(x: jax.Array) -> jax.Array:
-  return quantization.abs_max(x, x.ndim - 1)
 
 
 def quantize_weight(
@@ -186,7 +174,7 @@ def quantize_weight(
                      "dimension, got a scalar.")
   group = _group_size(w.shape[-1], group_size)
   x = _grouped(w.astype(jnp.float32), group)
-  scale = _abs_max(x) / _QMAX
+  scale = reductions.abs_max(x, -1) / _QMAX
   codes = _round(x / _safe(scale)[..., None], key)
   return QuantizedWeight(_ungrouped(codes, w), scale)
 
@@ -287,7 +275,8 @@ def _apply_update_rows(q: QuantizedWeight, update: jax.Array,
   u = _grouped(update.astype(jnp.float32), group)
   s = q.scale[..., None]
   changed = jnp.any(u != 0, axis=-1)
-  new_scale = jnp.where(changed, _abs_max(c * s + u) / _QMAX, q.scale)
+  new_scale = jnp.where(changed, reductions.abs_max(c * s + u, -1) / _QMAX,
+                        q.scale)
   divisor = _safe(new_scale)[..., None]
   # s / s is exactly 1, so unchanged codes come back exactly.
   if key is not None:

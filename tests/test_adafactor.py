@@ -38,7 +38,7 @@ from galore_optax import quantization
 from galore_optax import quantize_state_8bit
 from galore_optax import scale_by_adafactor
 from galore_optax import scale_by_factored_rms_hf
-from galore_optax.state_8bit import is_second_moment
+from galore_optax.state_fields import is_second_moment
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 RTOL, ATOL = 1e-6, 1e-6  # a few float32 ulps of parameters ~1

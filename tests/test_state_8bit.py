@@ -13,8 +13,8 @@ import pytest
 
 from galore_optax import quantization as qz
 from galore_optax.state_8bit import QuantizedState
-from galore_optax.state_8bit import is_second_moment
 from galore_optax.state_8bit import quantize_state_8bit
+from galore_optax.state_fields import is_second_moment
 
 FIXTURE = (pathlib.Path(__file__).parent / "fixtures" /
            "bitsandbytes_blockwise.npz")

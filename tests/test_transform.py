@@ -1,4 +1,7 @@
-"""galore_project: refresh schedule, state, jit, dtypes, guards."""
+"""galore_project: state, jit, dtypes, moments, ordering, guards.
+
+The refresh schedule (batches, phases, loops) is tested in test_refresh.py.
+"""
 
 import chex
 import jax
@@ -7,20 +10,13 @@ import numpy as np
 import optax
 import pytest
 
+from _galore_steps import random_grads
+from _galore_steps import tanh_chain_step
 from galore_optax import GaLoreState
 from galore_optax import galore_project
 from galore_optax import ordering
 from galore_optax import projection
 from galore_optax import quantize_state_8bit
-from galore_optax import transform
-
-
-def _grads(step, params):
-  key = jax.random.fold_in(jax.random.key(0), step)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten(
-      [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
 
 
 PARAMS = {"w": jnp.zeros((12, 8)), "b": jnp.zeros((8,)),
@@ -47,13 +43,13 @@ def test_refresh_at_multiples_of_gap_only():
   update = jax.jit(tx.update)
   history = []
   for step in range(8):
-    _, state = update(_grads(step, PARAMS), state)
+    _, state = update(random_grads(step, PARAMS), state)
     history.append(np.asarray(state.projectors["w"].right))
   changed = [step for step in range(1, 8)
              if not np.array_equal(history[step], history[step - 1])]
   assert changed == [3, 6]
   # The refresh uses the gradient of that very step.
-  g6 = _grads(6, PARAMS)["w"]
+  g6 = random_grads(6, PARAMS)["w"]
   expected = projection.compute_projector(
       g6, projection.plan_leaf((12, 8), 3, "std"))
   np.testing.assert_allclose(history[6], expected.right, atol=1e-6)
@@ -63,9 +59,9 @@ def test_moments_are_kept_across_refresh():
   tx = galore_project(optax.scale_by_adam(), rank=3, update_proj_gap=2)
   state = tx.init(PARAMS)
   for step in range(2):
-    _, state = tx.update(_grads(step, PARAMS), state)
+    _, state = tx.update(random_grads(step, PARAMS), state)
   mu_before = state.inner_state.mu["w"]
-  g = _grads(2, PARAMS)
+  g = random_grads(2, PARAMS)
   _, after = tx.update(g, state)
   low = projection.project(g["w"], after.projectors["w"],
                            projection.plan_leaf((12, 8), 3, "std"))
@@ -76,7 +72,7 @@ def test_moments_are_kept_across_refresh():
 
 def test_update_is_scaled_back_projection():
   tx = galore_project(optax.identity(), rank=3, scale=0.5)
-  g = _grads(0, PARAMS)
+  g = random_grads(0, PARAMS)
   upd, state = tx.update(g, tx.init(PARAMS))
   plan = projection.plan_leaf((12, 8), 3, "std")
   q = state.projectors["w"].right
@@ -88,7 +84,7 @@ def test_update_is_scaled_back_projection():
 def test_small_leaves_get_inner_at_full_size():
   inner = optax.scale_by_adam()
   tx = galore_project(inner, rank=3)
-  g = _grads(0, PARAMS)
+  g = random_grads(0, PARAMS)
   upd, _ = tx.update(g, tx.init(PARAMS))
   ref, _ = inner.update({"b": g["b"]}, inner.init({"b": PARAMS["b"]}))
   np.testing.assert_allclose(upd["b"], ref["b"], rtol=1e-6)  # f32 rounding
@@ -105,7 +101,7 @@ def test_jit_compiles_once_and_state_is_invariant():
     return tx.update(g, state)
 
   for i in range(5):
-    _, new_state = step(_grads(i, PARAMS), state)
+    _, new_state = step(random_grads(i, PARAMS), state)
     chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
     state = new_state
   assert len(traces) == 1
@@ -115,7 +111,7 @@ def test_bf16_params_keep_dtype_and_float32_projectors():
   params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
   tx = galore_project(optax.scale_by_adam(), rank=3)
   state = tx.init(params)
-  upd, state = jax.jit(tx.update)(_grads(0, params), state)
+  upd, state = jax.jit(tx.update)(random_grads(0, params), state)
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(upd))
   assert state.projectors["w"].right.dtype == jnp.float32
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(upd))
@@ -124,18 +120,18 @@ def test_bf16_params_keep_dtype_and_float32_projectors():
 def test_bfloat16_projector_storage():
   tx = galore_project(optax.scale_by_adam(), rank=3, projector_dtype="bfloat16")
   state = tx.init(PARAMS)
-  _, state = tx.update(_grads(0, PARAMS), state)
+  _, state = tx.update(random_grads(0, PARAMS), state)
   assert state.projectors["w"].right.dtype == jnp.bfloat16
 
 
 def test_non_finite_gradient_keeps_previous_projector():
   tx = galore_project(optax.scale_by_adam(), rank=3, update_proj_gap=2)
   state = tx.init(PARAMS)
-  _, state = tx.update(_grads(0, PARAMS), state)
+  _, state = tx.update(random_grads(0, PARAMS), state)
   before = state.projectors
-  bad = _grads(1, PARAMS)
+  bad = random_grads(1, PARAMS)
   _, state = tx.update(bad, state)
-  bad = _grads(2, PARAMS)
+  bad = random_grads(2, PARAMS)
   bad["w"] = bad["w"].at[0, 0].set(jnp.nan)
   bad["stack"] = bad["stack"].at[1, 0, 0].set(jnp.inf)
   _, state = tx.update(bad, state)  # a refresh step
@@ -150,116 +146,6 @@ def test_non_finite_gradient_keeps_previous_projector():
              for x in jax.tree.leaves(state.projectors))
 
 
-def _refreshed_leaves(tx, params, steps):
-  """Per step after the first, the leaves whose projector changed."""
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  prev = None
-  refreshed = {}
-  for step in range(steps):
-    _, state = update(_grads(step, params), state)
-    cur = {k: np.asarray(v.right) for k, v in state.projectors.items()}
-    if prev is not None:
-      refreshed[step] = sorted(k for k in cur
-                               if not np.array_equal(cur[k], prev[k]))
-    prev = cur
-  return refreshed
-
-
-def test_staggered_refresh_spreads_leaves():
-  # Distinct shapes: each leaf is its own refresh batch.
-  params = {f"w{i}": jnp.zeros((8, 6 - i)) for i in range(4)}
-  tx = galore_project(optax.scale_by_adam(), rank=2, update_proj_gap=4,
-                      stagger_refresh=True)
-  assert _refreshed_leaves(tx, params, 9) == {
-      1: ["w1"], 2: ["w2"], 3: ["w3"], 4: ["w0"], 5: ["w1"], 6: ["w2"],
-      7: ["w3"], 8: ["w0"]}
-
-
-def test_staggered_refresh_spreads_single_leaves_while_the_window_allows():
-  # Equal shapes, 4 leaves, gap 4: one leaf per step, as with distinct shapes.
-  params = {f"w{i}": jnp.zeros((8, 6)) for i in range(4)}
-  tx = galore_project(optax.scale_by_adam(), rank=2, update_proj_gap=4,
-                      stagger_refresh=True)
-  assert _refreshed_leaves(tx, params, 6) == {
-      1: ["w1"], 2: ["w2"], 3: ["w3"], 4: ["w0"], 5: ["w1"]}
-
-
-def test_staggered_refresh_spreads_batches_of_equal_shapes():
-  # 4 leaves, gap 2: batches of ceil(4 / 2) = 2 leaves, one per step.
-  params = {f"w{i}": jnp.zeros((8, 6)) for i in range(4)}
-  tx = galore_project(optax.scale_by_adam(), rank=2, update_proj_gap=2,
-                      stagger_refresh=True)
-  assert _refreshed_leaves(tx, params, 5) == {
-      1: ["w2", "w3"], 2: ["w0", "w1"], 3: ["w2", "w3"], 4: ["w0", "w1"]}
-
-
-def test_refresh_batches_respect_the_byte_bound(monkeypatch):
-  # Two leaves' worth of float32 per batch: w0+w1 and w2+w3 refresh together.
-  monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", 2 * 4 * 8 * 6)
-  keys = [("a",)] * 4 + [("b",)]
-  assert transform._refresh_batches(keys, [48] * 5) == [[0, 1], [2, 3], [4]]
-  assert transform._refresh_batches(keys, [48] * 5, max_leaves=1) == [
-      [0], [1], [2], [3], [4]]
-  # Five leaves, at most four per batch: 3 + 2, not 4 + a remainder of 1.
-  monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", 4 * 4 * 48)
-  assert transform._refresh_batches([("a",)] * 5, [48] * 5) == [
-      [0, 1, 2], [3, 4]]
-
-
-def _tanh_chain_step(params, stagger_refresh):
-  """A donated-style train step of a chain of ``tanh(h @ W)`` layers under
-  ``galore_project(scale_by_adam)``, and its optimizer."""
-  x = jnp.ones((4, next(iter(params.values())).shape[0]))
-
-  def loss(p):
-    h = x
-    for i in range(len(p)):
-      h = jnp.tanh(h @ p[f"layer{i}"])
-    return jnp.sum(h)
-
-  tx = galore_project(optax.scale_by_adam(), rank=8, update_proj_gap=200,
-                      stagger_refresh=stagger_refresh)
-
-  def step(p, s):
-    u, s = tx.update(jax.grad(loss)(p), s)
-    return optax.apply_updates(p, u), s
-
-  return step, tx
-
-
-def test_refresh_does_not_keep_every_gradient_alive(monkeypatch):
-  # One leaf per refresh batch. A single refresh cond over all gradients
-  # would keep them all alive until every projection could start (24 gradient
-  # sizes of temporaries here); one cond per batch lets each be projected
-  # and freed as the backward pass produces it, as staggering does.
-  monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", 0)
-  layers, d = 8, 256
-  params = {f"layer{i}": jnp.zeros((d, d)) for i in range(layers)}
-
-  def temp_bytes(stagger_refresh):
-    step, tx = _tanh_chain_step(params, stagger_refresh)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-        params, tx.init(params)).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
-  default = temp_bytes(False)
-  assert default <= temp_bytes(True)
-  assert default < layers * d * d * 4
-
-
-@pytest.mark.parametrize("batch_bytes", [0, 2**30])
-def test_decompositions_run_only_inside_the_refresh(monkeypatch, batch_bytes):
-  # A refresh that XLA could hoist out of its loop or cond (a loop-invariant
-  # decomposition) would run at every update, not every update_proj_gap.
-  monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", batch_bytes)
-  params = {f"layer{i}": jnp.zeros((32, 32)) for i in range(4)}
-  step, tx = _tanh_chain_step(params, stagger_refresh=False)
-  hlo = jax.jit(step).lower(params, tx.init(params)).compile().as_text()
-  assert "lapack_sgesdd" in hlo
-  assert "lapack_sgesdd" not in hlo[hlo.index("\nENTRY"):]
-
-
 @pytest.mark.parametrize("stagger_refresh", [False, True])
 def test_donated_step_does_not_copy_the_weights(monkeypatch, stagger_refresh):
   # Each weight is read by the forward and the backward pass (its input
@@ -269,7 +155,7 @@ def test_donated_step_does_not_copy_the_weights(monkeypatch, stagger_refresh):
   layers, d = 8, 96
   params = {f"layer{i}": jnp.full((d, d), 0.01 * (i + 1))
             for i in range(layers)}
-  step, tx = _tanh_chain_step(params, stagger_refresh)
+  step, tx = tanh_chain_step(params, stagger_refresh)
   donated_step = jax.jit(step, donate_argnums=(0, 1))
   hlo = donated_step.lower(params, tx.init(params)).compile().as_text()
   entry = hlo[hlo.index("\nENTRY"):]  # the refreshes may copy in branches
@@ -278,35 +164,9 @@ def test_donated_step_does_not_copy_the_weights(monkeypatch, stagger_refresh):
 
   # The ordering changes no value: the same step without it.
   monkeypatch.setattr(ordering, "after", lambda x, *deps: x)
-  step, tx = _tanh_chain_step(params, stagger_refresh)
+  step, tx = tanh_chain_step(params, stagger_refresh)
   unordered = jax.jit(step)(params, tx.init(params))
   chex.assert_trees_all_equal(ordered, unordered)
-
-
-@pytest.mark.parametrize("method", ["svd", "randomized"])
-@pytest.mark.parametrize("projector_dtype", ["float32", "int8"])
-def test_batched_refresh_equals_refreshing_each_leaf(monkeypatch, method,
-                                                     projector_dtype):
-  params = {f"w{i}": jnp.zeros((3, 24, 16)) for i in range(3)}
-  params["bad"] = jnp.zeros((3, 24, 16))
-  grads = _grads(0, params)
-  grads["bad"] = grads["bad"].at[1, 2, 3].set(jnp.nan)  # keeps its own
-
-  def run(batch_bytes):
-    monkeypatch.setattr(transform, "_REFRESH_BATCH_BYTES", batch_bytes)
-    tx = galore_project(optax.scale_by_adam(), rank=4, update_proj_gap=2,
-                        projector_method=method,
-                        projector_dtype=projector_dtype)
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    for step in range(3):
-      g = grads if step == 0 else _grads(step, params)
-      updates, state = update(g, state)
-    return updates, state
-
-  batched = run(2**30)
-  single = run(0)
-  chex.assert_trees_all_equal(batched, single)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -338,7 +198,7 @@ def test_stacked_leaf_equals_separate_leaves(method):
   tx = galore_project(optax.scale_by_adam(), **kwargs)
   s_state, p_state = tx.init(stacked), tx.init(separate)
   for step in range(5):
-    g = _grads(step, stacked)["w"]
+    g = random_grads(step, stacked)["w"]
     s_upd, s_state = tx.update({"w": g}, s_state)
     p_upd, p_state = tx.update({f"w{i}": g[i] for i in range(3)}, p_state)
     # The randomized method's test matrix depends on the update and its
@@ -361,8 +221,8 @@ def test_project_moments_carries_them_into_the_new_basis(proj_type):
   state = tx.init(MOMENT_PARAMS)
   update = jax.jit(tx.update)
   for step in range(2):
-    _, state = update(_grads(step, MOMENT_PARAMS), state)
-  g = _grads(2, MOMENT_PARAMS)
+    _, state = update(random_grads(step, MOMENT_PARAMS), state)
+  g = random_grads(2, MOMENT_PARAMS)
   _, after = update(g, state)  # count 2: a refresh
   for name, p in MOMENT_PARAMS.items():
     plan = projection.plan_leaf(p.shape, 3, proj_type)
@@ -395,8 +255,8 @@ def test_project_moments_at_full_rank_preserves_the_full_space_moment():
                       moments="project")
   state = tx.init(params)
   for step in range(2):
-    _, state = tx.update(_grads(step, params), state)
-  g = _grads(2, params)
+    _, state = tx.update(random_grads(step, params), state)
+  g = random_grads(2, params)
   _, after = tx.update(g, state)
   full_before = projection.project_back(state.inner_state.mu["w"],
                                         state.projectors["w"], plan)
@@ -409,7 +269,7 @@ def test_project_moments_at_full_rank_preserves_the_full_space_moment():
                            update_proj_gap=2)
   keep = tx_keep.init(params)
   for step in range(3):
-    _, keep = tx_keep.update(_grads(step, params), keep)
+    _, keep = tx_keep.update(random_grads(step, params), keep)
   full_keep = projection.project_back(keep.inner_state.mu["w"],
                                       keep.projectors["w"], plan)
   assert not np.allclose(full_keep, full_after, atol=1e-3)
@@ -421,15 +281,15 @@ def test_reset_moments_restarts_the_inner_optimizer():
   state = tx.init(MOMENT_PARAMS)
   update = jax.jit(tx.update)
   for step in range(3):
-    _, state = update(_grads(step, MOMENT_PARAMS), state)
-  g = _grads(3, MOMENT_PARAMS)
+    _, state = update(random_grads(step, MOMENT_PARAMS), state)
+  g = random_grads(3, MOMENT_PARAMS)
   updates, after = update(g, state)  # count 3: refresh and reset
   fresh_updates, fresh = tx.update(g, tx.init(MOMENT_PARAMS))
   chex.assert_trees_all_close(updates, fresh_updates, rtol=1e-6, atol=1e-7)
   chex.assert_trees_all_close(after.inner_state, fresh.inner_state,
                               rtol=1e-6, atol=1e-7)
   # Between refreshes nothing is reset.
-  _, later = update(_grads(4, MOMENT_PARAMS), after)
+  _, later = update(random_grads(4, MOMENT_PARAMS), after)
   assert int(later.inner_state.count) == 2
   assert update._cache_size() == 1
 
@@ -456,7 +316,7 @@ def test_matrix_axes_selects_the_matrix_of_a_head_shaped_kernel():
   state, state_flat = tx.init(shaped), tx_flat.init(flat)
   update = jax.jit(tx.update)
   for step in range(4):
-    g = _grads(step, shaped)
+    g = random_grads(step, shaped)
     u, state = update(g, state)
     u_flat, state_flat = tx_flat.update(
         jax.tree.map(lambda x, f: x.reshape(f.shape), g, flat), state_flat)
@@ -478,7 +338,7 @@ def test_matrix_axes_other_axes_are_batch_axes():
   state, stacked = tx.init({"w": x}), tx_stacked.init(
       {"w": jnp.zeros((3, 12, 5))})
   for step in range(3):
-    g = _grads(step, {"w": x})
+    g = random_grads(step, {"w": x})
     u, state = tx.update(g, state)
     u_st, stacked = tx_stacked.update(
         {"w": g["w"].transpose(1, 0, 2)}, stacked)
@@ -496,29 +356,3 @@ def test_bad_matrix_axes_raise_at_init(axes, match):
   tx = galore_project(optax.scale_by_adam(), rank=2, matrix_axes=axes)
   with pytest.raises(ValueError, match=match):
     tx.init({"w": jnp.zeros((4, 3, 5))})
-
-
-def _primitive_count(jaxpr, name):
-  """Occurrences of a primitive in a jaxpr and the jaxprs nested in it."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == name
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          count += _primitive_count(sub, name)
-  return count
-
-
-@pytest.mark.parametrize("stagger", [False, True])
-def test_randomized_refresh_draws_once_per_sketch_shape(stagger):
-  """Random test matrices are drawn once per update and shape, outside the
-  refreshes: a refresh per leaf (staggered) would otherwise compile one
-  random generator each."""
-  params = {f"w{i}": jnp.zeros((24, 16)) for i in range(5)}
-  params["v"] = jnp.zeros((16, 40))  # another sketch shape
-  tx = galore_project(optax.scale_by_adam(), rank=4, update_proj_gap=10,
-                      projector_method="randomized", stagger_refresh=stagger)
-  jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params)).jaxpr
-  assert _primitive_count(jaxpr, "random_bits") == 2

@@ -1,0 +1,44 @@
+"""Sharding queries: is an array sharded over ``Explicit`` mesh axes?
+
+Under ``Explicit`` mesh axes the sharding is part of an array's type, and
+some operations need to be told about it: decompositions refuse matrices
+sharded on their matrix dimensions, products over a sharded axis need an
+output sharding, and reshapes that split a sharded axis need one too.
+``Auto`` axes are handled by the compiler and do not show in the type, so
+an array sharded only over them counts as not explicitly sharded.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import NamedSharding
+
+
+def explicit_sharding(x: jax.Array) -> NamedSharding | None:
+  """``x``'s sharding if it is sharded over ``Explicit`` mesh axes.
+
+  Args:
+    x: an array or tracer.
+
+  Returns:
+    The ``NamedSharding`` of ``x``'s type when at least one of its axes is
+    sharded over an ``Explicit`` mesh axis; None otherwise (no mesh, or
+    only ``Auto`` axes, or replicated).
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  if (not isinstance(sharding, NamedSharding) or sharding.mesh.empty or
+      all(entry is None for entry in sharding.spec)):
+    return None
+  return sharding
+
+
+def is_explicitly_sharded(x: jax.Array) -> bool:
+  """Whether ``x`` is sharded over an ``Explicit`` mesh axis.
+
+  Args:
+    x: an array or tracer.
+
+  Returns:
+    ``explicit_sharding(x) is not None``.
+  """
+  return explicit_sharding(x) is not None
