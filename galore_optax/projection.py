@@ -231,6 +231,12 @@ def canonicalize_column_signs(u: jax.Array) -> jax.Array:
 
   Of two entries of equal largest magnitude and opposite signs, the positive
   one counts (the column is not flipped).
+
+  Args:
+    u: ``(..., m, r)`` singular vectors as columns.
+
+  Returns:
+    ``u`` with every column's sign canonical.
   """
   # The largest-magnitude entry is negative iff max + min < 0 (exact in
   # floating point by Sterbenz's lemma where it matters). One max-and-min
@@ -473,7 +479,16 @@ def refresh_projector(
 
 
 def project(grad: jax.Array, projector: Projector, plan: LeafPlan) -> jax.Array:
-  """Projects a full gradient into the low-rank space, in float32."""
+  """Projects a full gradient into the low-rank space, in float32.
+
+  Args:
+    grad: the ``(*batch, m, n)`` gradient.
+    projector: float32 factors (``projector_storage.load``).
+    plan: the leaf's ``LeafPlan``.
+
+  Returns:
+    The low-rank gradient, of shape ``plan.lowrank_shape``.
+  """
   x = grad
   if plan.use_left:
     x = _contract("...mr,...mn->...rn", projector.left.astype(jnp.float32), x)
@@ -484,7 +499,16 @@ def project(grad: jax.Array, projector: Projector, plan: LeafPlan) -> jax.Array:
 
 def project_back(lowrank: jax.Array, projector: Projector,
                  plan: LeafPlan) -> jax.Array:
-  """Maps a low-rank update back to the leaf's shape, in float32."""
+  """Maps a low-rank update back to the leaf's shape, in float32.
+
+  Args:
+    lowrank: an update of shape ``plan.lowrank_shape``.
+    projector: float32 factors (``projector_storage.load``).
+    plan: the leaf's ``LeafPlan``.
+
+  Returns:
+    The ``(*batch, m, n)`` update.
+  """
   x = lowrank.astype(jnp.float32)
   if plan.use_left:
     x = _contract("...mr,...rn->...mn", projector.left.astype(jnp.float32), x)

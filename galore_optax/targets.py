@@ -38,7 +38,14 @@ FULL_RANK_LABEL = "full_rank"
 
 
 def path_to_name(path: Sequence[Any]) -> str:
-  """Joins pytree keys into a dotted name; drops Flax NNX's ``.value``."""
+  """Joins pytree keys into a dotted name; drops Flax NNX's ``.value``.
+
+  Args:
+    path: a key path, as ``jax.tree_util.tree_flatten_with_path`` gives.
+
+  Returns:
+    The dotted name, e.g. ``model.layers.0.self_attn.q_proj.kernel``.
+  """
   parts = []
   for i, key in enumerate(path):
     if isinstance(key, jax.tree_util.GetAttrKey):

@@ -72,7 +72,14 @@ class QuantizedWeight(NamedTuple):
 
 
 def is_quantized(x: Any) -> bool:
-  """Whether ``x`` is a ``QuantizedWeight`` (a leaf for the tree helpers)."""
+  """Whether ``x`` is a ``QuantizedWeight`` (a leaf for the tree helpers).
+
+  Args:
+    x: any pytree node.
+
+  Returns:
+    True for a ``QuantizedWeight``.
+  """
   return isinstance(x, QuantizedWeight)
 
 

@@ -97,11 +97,6 @@ PUBLIC_FUNCTIONS = _public_functions()
 KNOWN_GAPS = frozenset({
     "galore_optax.memory.main",
     "galore_optax.memory.memory_table",
-    "galore_optax.projection.canonicalize_column_signs",
-    "galore_optax.projection.project",
-    "galore_optax.projection.project_back",
-    "galore_optax.targets.path_to_name",
-    "galore_optax.weight_quantization.is_quantized",
 })
 
 
