@@ -1,9 +1,8 @@
 """Ready optimizers: chains of ``galore_project`` and optax primitives.
 
-The GaLore aliases take ``galore_project``'s keyword arguments as their own.
-``GaLoreOptions`` declares them once, with their defaults and documentation;
-each alias lists them in its signature (for users and IDEs), gets their
-documentation from ``GaLoreOptions`` and forwards them through it.
+The GaLore aliases take ``galore_project``'s keyword arguments as
+``**galore_options``, declared once by ``GaLoreOptions`` (names, types and
+documentation; the defaults are ``galore_project``'s) and forwarded unchanged.
 
 References:
   Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
@@ -13,12 +12,11 @@ References:
 from __future__ import annotations
 
 import inspect
-import textwrap
-import typing
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypedDict
 
 import optax
+from typing_extensions import Unpack
 
 from galore_optax import targets
 from galore_optax._checks import check_finite_number
@@ -28,109 +26,67 @@ from galore_optax.transform import MatrixAxes
 from galore_optax.transform import galore_project
 
 
-class GaLoreOptions(NamedTuple):
+class GaLoreOptions(TypedDict, total=False):
   """The keyword arguments of ``galore_project`` that the GaLore aliases take.
 
-  Every GaLore alias accepts these by keyword, with these defaults (Hugging
-  Face's for ``rank``, ``update_proj_gap``, ``scale`` and ``proj_type``), and
-  passes them unchanged to ``galore_project``, which describes them in full.
+  Every GaLore alias accepts these as ``**galore_options`` and passes them
+  unchanged to ``galore_project``, which has their defaults (Hugging Face's
+  for ``rank``, ``update_proj_gap``, ``scale`` and ``proj_type``) and
+  describes them in full.
 
   Attributes:
-    rank: GaLore rank ``r`` (each matrix uses ``min(r, m, n)``).
-    update_proj_gap: updates between projector refreshes ``T``.
-    scale: ``alpha``, multiplies the back-projected update.
-    proj_type: ``std``, ``reverse_std``, ``left``, ``right`` or ``full``.
-    projector_method: ``svd`` (exact) or ``randomized``.
-    projector_dtype: ``float32``, ``bfloat16`` or ``int8`` projectors.
+    rank: GaLore rank ``r`` (each matrix uses ``min(r, m, n)``); default 128.
+    update_proj_gap: updates between projector refreshes ``T``; default 200.
+    scale: ``alpha``, multiplies the back-projected update; default 0.25.
+    proj_type: ``std`` (default), ``reverse_std``, ``left``, ``right`` or
+      ``full``.
+    projector_method: ``svd`` (exact, default) or ``randomized``.
+    projector_dtype: ``float32`` (default), ``bfloat16`` or ``int8``
+      projectors.
     stagger_refresh: spread projector refreshes over the window.
-    moments: ``keep`` (the reference), ``project`` or ``reset``: what
-      happens to the moments at a refresh (see ``galore_project``).
+    moments: ``keep`` (the reference, default), ``project`` or ``reset``:
+      what happens to the moments at a refresh.
     matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
-      is not their last two axes (see ``galore_project``).
+      is not their last two axes.
     seed: seed of the randomized projector's random test matrices.
   """
 
-  rank: int = 128
-  update_proj_gap: int = 200
-  scale: float = 0.25
-  proj_type: str = "std"
-  projector_method: str = "svd"
-  projector_dtype: str = "float32"
-  stagger_refresh: bool = False
-  moments: str = "keep"
-  matrix_axes: MatrixAxes | None = None
-  seed: int = 0
-
-  @classmethod
-  def from_arguments(cls, arguments: Mapping[str, Any]) -> GaLoreOptions:
-    """Picks the options out of an alias' arguments.
-
-    Args:
-      arguments: the alias' arguments by name, e.g. its ``locals()``.
-
-    Returns:
-      A ``GaLoreOptions`` with the alias' values.
-    """
-    return cls(**{name: arguments[name] for name in cls._fields})
+  rank: int
+  update_proj_gap: int
+  scale: float
+  proj_type: str
+  projector_method: str
+  projector_dtype: str
+  stagger_refresh: bool
+  moments: str
+  matrix_axes: MatrixAxes | None
+  seed: int
 
 
-# The defaults of the aliases' signatures.
-_DEFAULT = GaLoreOptions()
-
-# The line of an alias' Args section that stands for the GaLore arguments.
-_OPTIONS_PLACEHOLDER = "{GaLoreOptions}"
-
-_Alias = TypeVar("_Alias", bound=Callable[..., Any])
-
-
-def _options_doc(indent: str) -> str:
-  """``GaLoreOptions``' Attributes entries, indented as Args entries."""
-  entries = GaLoreOptions.__doc__.split("Attributes:\n", 1)[1]
-  return textwrap.indent(textwrap.dedent(entries).strip("\n"), indent)
-
-
-def _takes_galore_options(alias: _Alias) -> _Alias:
-  """Checks an alias' GaLore arguments and writes their documentation.
-
-  Args:
-    alias: a factory whose signature lists every ``GaLoreOptions`` field as
-      a keyword-only argument with the declared type and default, and whose
-      docstring's Args section has a ``{GaLoreOptions}`` line.
+def galore_option_defaults() -> dict[str, Any]:
+  """Every ``GaLoreOptions`` key with its default, from ``galore_project``.
 
   Returns:
-    ``alias``, its placeholder line replaced by ``GaLoreOptions``'
-    attribute documentation.
-
-  Raises:
-    TypeError: if the signature or the docstring disagrees with
-      ``GaLoreOptions``, so that they cannot drift apart.
+    A dict from option name to ``galore_project``'s default, in
+    ``GaLoreOptions``' order.
   """
-  parameters = inspect.signature(alias).parameters
-  alias_types = typing.get_type_hints(alias)
-  for name, expected_type in typing.get_type_hints(GaLoreOptions).items():
-    parameter = parameters.get(name)
-    default = GaLoreOptions._field_defaults[name]
-    if (parameter is None or parameter.kind != parameter.KEYWORD_ONLY or
-        parameter.default != default or alias_types[name] != expected_type):
-      raise TypeError(
-          f"{alias.__name__} must take the keyword-only argument {name}: "
-          f"{expected_type} = {default!r}, as GaLoreOptions declares.")
-  if alias.__doc__ is not None:  # None under python -OO
-    lines = alias.__doc__.split("\n")
-    at = [i for i, line in enumerate(lines)
-          if line.strip() == _OPTIONS_PLACEHOLDER]
-    if len(at) != 1:
-      raise TypeError(f"{alias.__name__}'s docstring needs one "
-                      f"{_OPTIONS_PLACEHOLDER} line in its Args section.")
-    indent = lines[at[0]][:-len(lines[at[0]].lstrip())]
-    lines[at[0]] = _options_doc(indent)
-    alias.__doc__ = "\n".join(lines)
-  return alias
+  parameters = inspect.signature(galore_project).parameters
+  return {name: parameters[name].default
+          for name in GaLoreOptions.__annotations__}
+
+
+def _check_galore_options(alias: str, options: Mapping[str, Any]) -> None:
+  unknown = sorted(set(options) - set(GaLoreOptions.__annotations__))
+  if unknown:
+    raise TypeError(
+        f"{alias}() got unexpected keyword arguments {unknown}; its GaLore "
+        f"options are {list(GaLoreOptions.__annotations__)}.")
 
 
 def _galore_chain(
     make_inner: Callable[[], optax.GradientTransformation],
     *tail: optax.GradientTransformation,
+    alias: str,
     target_modules: targets.TargetModules,
     options: GaLoreOptions,
 ) -> optax.GradientTransformationExtraArgs:
@@ -143,17 +99,21 @@ def _galore_chain(
   Args:
     make_inner: builds the inner optimizer (called once per partition).
     *tail: transformations applied after the partition, to every leaf.
+    alias: the alias' name, for error messages.
     target_modules: which leaves are projected (``galore_optax.targets``).
-    options: the GaLore keyword arguments of ``galore_project``.
+    options: the alias' ``GaLoreOptions``, given to ``galore_project``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Raises:
+    TypeError: for an option that ``GaLoreOptions`` does not declare.
   """
+  _check_galore_options(alias, options)
   return optax.chain(
       optax.partition(
           {
-              targets.GALORE_LABEL: galore_project(make_inner(),
-                                                   **options._asdict()),
+              targets.GALORE_LABEL: galore_project(make_inner(), **options),
               targets.FULL_RANK_LABEL: make_inner(),
           },
           targets.galore_labels(target_modules),
@@ -162,7 +122,6 @@ def _galore_chain(
   )
 
 
-@_takes_galore_options
 def galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -173,17 +132,7 @@ def galore_adamw(
     target_modules: targets.TargetModules = None,
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
-    # GaLoreOptions:
-    rank: int = _DEFAULT.rank,
-    update_proj_gap: int = _DEFAULT.update_proj_gap,
-    scale: float = _DEFAULT.scale,
-    proj_type: str = _DEFAULT.proj_type,
-    projector_method: str = _DEFAULT.projector_method,
-    projector_dtype: str = _DEFAULT.projector_dtype,
-    stagger_refresh: bool = _DEFAULT.stagger_refresh,
-    moments: str = _DEFAULT.moments,
-    matrix_axes: MatrixAxes | None = _DEFAULT.matrix_axes,
-    seed: int = _DEFAULT.seed,
+    **galore_options: Unpack[GaLoreOptions],
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose moments live in a GaLore subspace for the target matrices.
 
@@ -208,7 +157,8 @@ def galore_adamw(
       with two or more dimensions.
     weight_decay_mask: optional mask or mask function for the decay.
     mu_dtype: optional dtype of Adam's first moment.
-    {GaLoreOptions}
+    **galore_options: ``GaLoreOptions`` for ``galore_project`` (``rank``,
+      ``update_proj_gap``, ``scale``, ``proj_type``, ...).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -216,13 +166,13 @@ def galore_adamw(
   References:
     Zhao et al., 2024, arXiv 2403.03507.
   """
-  options = GaLoreOptions.from_arguments(locals())
   return _galore_chain(
       lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
       target_modules=target_modules,
-      options=options,
+      alias="galore_adamw",
+      options=galore_options,
   )
 
 
@@ -237,28 +187,17 @@ def _lr_scaled_weight_decay(
   return weight_decay * learning_rate
 
 
-@_takes_galore_options
 def galore_adafactor(
     learning_rate: optax.ScalarOrSchedule,
     *,
+    target_modules: targets.TargetModules = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
     beta1: float | None = None,
     decay_rate: float = -0.8,
     eps: float = 1e-30,
     clip_threshold: float = 1.0,
-    weight_decay: float = 0.0,
-    target_modules: targets.TargetModules = None,
-    weight_decay_mask: Any = None,
-    # GaLoreOptions:
-    rank: int = _DEFAULT.rank,
-    update_proj_gap: int = _DEFAULT.update_proj_gap,
-    scale: float = _DEFAULT.scale,
-    proj_type: str = _DEFAULT.proj_type,
-    projector_method: str = _DEFAULT.projector_method,
-    projector_dtype: str = _DEFAULT.projector_dtype,
-    stagger_refresh: bool = _DEFAULT.stagger_refresh,
-    moments: str = _DEFAULT.moments,
-    matrix_axes: MatrixAxes | None = _DEFAULT.matrix_axes,
-    seed: int = _DEFAULT.seed,
+    **galore_options: Unpack[GaLoreOptions],
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor whose factored moments live in a GaLore subspace.
 
@@ -279,6 +218,10 @@ def galore_adafactor(
 
   Args:
     learning_rate: a float or an optax schedule.
+    target_modules: which leaves are projected; ``None`` means every leaf
+      with two or more dimensions.
+    weight_decay: decay rate, multiplied by the learning rate.
+    weight_decay_mask: optional mask or mask function for the decay.
     beta1: first-moment decay, or ``None`` (the default) for none.
     decay_rate: second-moment decay exponent, ``beta2_t = 1 - t **
       decay_rate``.
@@ -286,11 +229,8 @@ def galore_adafactor(
       ``eps[1]`` only matters with ``scale_parameter=True``).
     clip_threshold: largest RMS of each update matrix before the learning
       rate.
-    weight_decay: decay rate, multiplied by the learning rate.
-    target_modules: which leaves are projected; ``None`` means every leaf
-      with two or more dimensions.
-    weight_decay_mask: optional mask or mask function for the decay.
-    {GaLoreOptions}
+    **galore_options: ``GaLoreOptions`` for ``galore_project`` (``rank``,
+      ``update_proj_gap``, ``scale``, ``proj_type``, ...).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -299,7 +239,6 @@ def galore_adafactor(
     Zhao et al., 2024, arXiv 2403.03507; Shazeer and Stern, 2018,
     arXiv 1804.04235.
   """
-  options = GaLoreOptions.from_arguments(locals())
   check_finite_number("weight_decay", weight_decay)
   return _galore_chain(
       lambda: scale_by_adafactor(learning_rate, beta1=beta1,
@@ -310,7 +249,8 @@ def galore_adafactor(
           weight_decay_mask),
       optax.scale(-1.0),  # scale_by_adafactor's update is not negated
       target_modules=target_modules,
-      options=options,
+      alias="galore_adafactor",
+      options=galore_options,
   )
 
 
@@ -356,7 +296,6 @@ def adamw_8bit(
   )
 
 
-@_takes_galore_options
 def galore_adamw_8bit(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -368,17 +307,7 @@ def galore_adamw_8bit(
     weight_decay_mask: Any = None,
     block_size: int = 256,
     min_size: int = 4096,
-    # GaLoreOptions:
-    rank: int = _DEFAULT.rank,
-    update_proj_gap: int = _DEFAULT.update_proj_gap,
-    scale: float = _DEFAULT.scale,
-    proj_type: str = _DEFAULT.proj_type,
-    projector_method: str = _DEFAULT.projector_method,
-    projector_dtype: str = _DEFAULT.projector_dtype,
-    stagger_refresh: bool = _DEFAULT.stagger_refresh,
-    moments: str = _DEFAULT.moments,
-    matrix_axes: MatrixAxes | None = _DEFAULT.matrix_axes,
-    seed: int = _DEFAULT.seed,
+    **galore_options: Unpack[GaLoreOptions],
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore AdamW with 8-bit moments: ``galore_adamw`` + ``adamw_8bit``.
 
@@ -399,7 +328,8 @@ def galore_adamw_8bit(
     weight_decay_mask: optional mask or mask function for the decay.
     block_size: values per float32 scale of the 8-bit states.
     min_size: smaller state leaves stay float32.
-    {GaLoreOptions}
+    **galore_options: ``GaLoreOptions`` for ``galore_project`` (``rank``,
+      ``update_proj_gap``, ``scale``, ``proj_type``, ...).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -408,7 +338,6 @@ def galore_adamw_8bit(
     Zhao et al., 2024, arXiv 2403.03507; Dettmers et al., 2022,
     arXiv 2110.02861.
   """
-  options = GaLoreOptions.from_arguments(locals())
   return _galore_chain(
       lambda: quantize_state_8bit(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps), block_size=block_size,
@@ -416,5 +345,6 @@ def galore_adamw_8bit(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
       target_modules=target_modules,
-      options=options,
+      alias="galore_adamw_8bit",
+      options=galore_options,
   )

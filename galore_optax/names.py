@@ -28,7 +28,8 @@ build a layer-wise train step with it.
 ``learning_rate``, ``weight_decay`` and ``target_modules``, which have their
 own arguments (as in ``transformers``). The accepted keys and their defaults
 come from the factory's signature (``optimizer_arguments``); the GaLore ones
-are ``galore_optax.aliases.GaLoreOptions``, whose defaults are Hugging Face's.
+are ``galore_optax.aliases.GaLoreOptions``, with ``galore_project``'s
+defaults (Hugging Face's).
 
 Differences from ``transformers`` (5.x), on purpose:
 
@@ -215,12 +216,15 @@ def optimizer_arguments(name: str) -> dict[str, Any]:
   """
   base, _ = parse_optimizer_name(name)
   params = inspect.signature(_FACTORIES[base]).parameters.values()
-  return {
+  arguments = {
       p.name: p.default for p in params
       if p.name not in _DEDICATED and p.kind in (
           inspect.Parameter.POSITIONAL_OR_KEYWORD,
           inspect.Parameter.KEYWORD_ONLY)
   }
+  if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+    arguments.update(aliases.galore_option_defaults())  # **galore_options
+  return arguments
 
 
 def _coerce(key: str, value: Any, default: Any, name: str) -> Any:
