@@ -639,11 +639,13 @@ def load_data(args: argparse.Namespace) -> Data:
   corpus = data_lib.load_corpus(
       args.data, tokenizer=args.tokenizer,
       max_train_bytes=args.max_train_bytes, cache_dir=args.cache_dir)
+  shard = dict(process_index=jax.process_index(),
+               process_count=jax.process_count())
   train_batches = corpus.train_batches(
-      seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
+      seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, **shard)
   eval_batches = corpus.eval_batches(
       seq_len=args.seq_len, batch_size=args.batch_size,
-      num_batches=args.eval_batches)
+      num_batches=args.eval_batches, **shard)
   print(f"data: {corpus.source}: {len(corpus.train_tokens):,} train / "
         f"{len(corpus.eval_tokens):,} eval tokens "
         f"({'cached' if corpus.from_cache else 'tokenised'} in "
@@ -742,12 +744,11 @@ class Placement:
   opt_state: Any = None
 
   def put(self, batch: Any) -> Any:
-    """A host batch as global arrays sharded like ``self.batch``."""
-    # Every process holds the whole global batch (a pure function of seed
-    # and step) and provides the slices of its own devices.
+    """This process's rows of a batch as global arrays like ``self.batch``."""
+    # Each process loads only its rows of the seeded global batch (grain's
+    # per-process shard, see examples/data.py), those its devices hold.
     return jax.tree.map(
-        lambda x: jax.make_array_from_callback(
-            x.shape, self.batch, lambda index: x[index]), batch)
+        lambda x: jax.make_array_from_process_local_data(self.batch, x), batch)
 
 
 def setup_mesh(args: argparse.Namespace, model: Model) -> Placement:
