@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 import optax
 from typing_extensions import Unpack
@@ -70,9 +70,38 @@ def galore_option_defaults() -> dict[str, Any]:
     A dict from option name to ``galore_project``'s default, in
     ``GaLoreOptions``' order.
   """
+  return {p.name: p.default for p in _galore_option_parameters()}
+
+
+def _galore_option_parameters() -> list[inspect.Parameter]:
   parameters = inspect.signature(galore_project).parameters
-  return {name: parameters[name].default
-          for name in GaLoreOptions.__annotations__}
+  return [parameters[name] for name in GaLoreOptions.__annotations__]
+
+
+def _lists_galore_options(alias: _Alias) -> _Alias:
+  """Gives an alias taking ``**galore_options`` an explicit signature.
+
+  The signature (what ``inspect.signature``, ``help``,
+  ``optax.inject_hyperparams`` and ``create_optimizer`` read) lists each
+  ``GaLoreOptions`` key as a keyword-only argument with ``galore_project``'s
+  default instead of ``**galore_options``; calls still arrive in
+  ``**galore_options``.
+
+  Args:
+    alias: a factory whose last parameter is ``**galore_options``.
+
+  Returns:
+    ``alias``, with ``__signature__`` set.
+  """
+  signature = inspect.signature(alias)
+  own = [p for p in signature.parameters.values()
+         if p.kind != inspect.Parameter.VAR_KEYWORD]
+  alias.__signature__ = signature.replace(
+      parameters=own + _galore_option_parameters())
+  return alias
+
+
+_Alias = TypeVar("_Alias", bound=Callable[..., Any])
 
 
 def _check_galore_options(alias: str, options: Mapping[str, Any]) -> None:
@@ -122,14 +151,41 @@ def _galore_chain(
   )
 
 
+def _galore_adam(
+    adam: Callable[[], optax.GradientTransformation],
+    learning_rate: optax.ScalarOrSchedule, weight_decay: float,
+    weight_decay_mask: Any, target_modules: targets.TargetModules,
+    alias: str, options: GaLoreOptions,
+) -> optax.GradientTransformationExtraArgs:
+  """``galore_adamw`` and its 8-bit twin: ``adam`` with AdamW's tail.
+
+  Args:
+    adam: builds the (float or 8-bit) Adam run in and outside the subspace.
+    learning_rate: a float or an optax schedule.
+    weight_decay: decoupled weight decay rate.
+    weight_decay_mask: optional mask or mask function for the decay.
+    target_modules: which leaves are projected.
+    alias: the alias' name, for error messages.
+    options: the alias' ``GaLoreOptions``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return _galore_chain(
+      adam, optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+      target_modules=target_modules, alias=alias, options=options)
+
+
+@_lists_galore_options
 def galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
+    target_modules: targets.TargetModules = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    target_modules: targets.TargetModules = None,
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
     **galore_options: Unpack[GaLoreOptions],
@@ -149,12 +205,12 @@ def galore_adamw(
 
   Args:
     learning_rate: a float or an optax schedule.
+    target_modules: which leaves are projected; ``None`` means every leaf
+      with two or more dimensions.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon, added to the root of the second moment.
     weight_decay: decoupled weight decay rate.
-    target_modules: which leaves are projected; ``None`` means every leaf
-      with two or more dimensions.
     weight_decay_mask: optional mask or mask function for the decay.
     mu_dtype: optional dtype of Adam's first moment.
     **galore_options: ``GaLoreOptions`` for ``galore_project`` (``rank``,
@@ -166,14 +222,9 @@ def galore_adamw(
   References:
     Zhao et al., 2024, arXiv 2403.03507.
   """
-  return _galore_chain(
-      lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-      target_modules=target_modules,
-      alias="galore_adamw",
-      options=galore_options,
-  )
+  adam = lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+  return _galore_adam(adam, learning_rate, weight_decay, weight_decay_mask,
+                      target_modules, "galore_adamw", galore_options)
 
 
 def _lr_scaled_weight_decay(
@@ -187,6 +238,7 @@ def _lr_scaled_weight_decay(
   return weight_decay * learning_rate
 
 
+@_lists_galore_options
 def galore_adafactor(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -217,7 +269,8 @@ def galore_adafactor(
     tx = galore_adafactor(1e-2, rank=128, target_modules=["attn", "mlp"])
 
   Args:
-    learning_rate: a float or an optax schedule.
+    learning_rate: a float or an optax schedule, applied inside Adafactor
+      (before its first-moment average and the back-projection).
     target_modules: which leaves are projected; ``None`` means every leaf
       with two or more dimensions.
     weight_decay: decay rate, multiplied by the learning rate.
@@ -252,6 +305,57 @@ def galore_adafactor(
       alias="galore_adafactor",
       options=galore_options,
   )
+
+
+@_lists_galore_options
+def galore_adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    block_size: int = 256,
+    min_size: int = 4096,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    target_modules: targets.TargetModules = None,
+    **galore_options: Unpack[GaLoreOptions],
+) -> optax.GradientTransformationExtraArgs:
+  """GaLore AdamW with 8-bit moments: ``galore_adamw`` + ``adamw_8bit``.
+
+  Target leaves run ``galore_project(quantize_state_8bit(scale_by_adam))``:
+  the low-rank moments are stored in 8 bits when the *projected* leaf has at
+  least ``min_size`` elements, as ``galore_torch.GaLoreAdamW8bit`` does.
+  Other leaves run 8-bit AdamW at full size. ``projector_dtype="int8"``
+  also stores the projectors in 8 bits.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    block_size: values per float32 scale of the 8-bit states.
+    min_size: smaller state leaves stay float32.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: decoupled weight decay rate.
+    weight_decay_mask: optional mask or mask function for the decay.
+    target_modules: which leaves are projected; ``None`` means every leaf
+      with two or more dimensions.
+    **galore_options: ``GaLoreOptions`` for ``galore_project`` (``rank``,
+      ``update_proj_gap``, ``scale``, ``proj_type``, ...).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Zhao et al., 2024, arXiv 2403.03507; Dettmers et al., 2022,
+    arXiv 2110.02861.
+  """
+  adam_8bit = lambda: quantize_state_8bit(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps), block_size=block_size,
+      min_size=min_size)
+  return _galore_adam(adam_8bit, learning_rate, weight_decay,
+                      weight_decay_mask, target_modules, "galore_adamw_8bit",
+                      galore_options)
 
 
 def adamw_8bit(
@@ -293,58 +397,4 @@ def adamw_8bit(
                           block_size=block_size, min_size=min_size),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
-  )
-
-
-def galore_adamw_8bit(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    target_modules: targets.TargetModules = None,
-    weight_decay_mask: Any = None,
-    block_size: int = 256,
-    min_size: int = 4096,
-    **galore_options: Unpack[GaLoreOptions],
-) -> optax.GradientTransformationExtraArgs:
-  """GaLore AdamW with 8-bit moments: ``galore_adamw`` + ``adamw_8bit``.
-
-  Target leaves run ``galore_project(quantize_state_8bit(scale_by_adam))``:
-  the low-rank moments are stored in 8 bits when the *projected* leaf has at
-  least ``min_size`` elements, as ``galore_torch.GaLoreAdamW8bit`` does.
-  Other leaves run 8-bit AdamW at full size. ``projector_dtype="int8"``
-  also stores the projectors in 8 bits.
-
-  Args:
-    learning_rate: a float or an optax schedule.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's epsilon.
-    weight_decay: decoupled weight decay rate.
-    target_modules: which leaves are projected; ``None`` means every leaf
-      with two or more dimensions.
-    weight_decay_mask: optional mask or mask function for the decay.
-    block_size: values per float32 scale of the 8-bit states.
-    min_size: smaller state leaves stay float32.
-    **galore_options: ``GaLoreOptions`` for ``galore_project`` (``rank``,
-      ``update_proj_gap``, ``scale``, ``proj_type``, ...).
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
-
-  References:
-    Zhao et al., 2024, arXiv 2403.03507; Dettmers et al., 2022,
-    arXiv 2110.02861.
-  """
-  return _galore_chain(
-      lambda: quantize_state_8bit(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps), block_size=block_size,
-          min_size=min_size),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-      target_modules=target_modules,
-      alias="galore_adamw_8bit",
-      options=galore_options,
   )

@@ -216,15 +216,12 @@ def optimizer_arguments(name: str) -> dict[str, Any]:
   """
   base, _ = parse_optimizer_name(name)
   params = inspect.signature(_FACTORIES[base]).parameters.values()
-  arguments = {
+  return {
       p.name: p.default for p in params
       if p.name not in _DEDICATED and p.kind in (
           inspect.Parameter.POSITIONAL_OR_KEYWORD,
           inspect.Parameter.KEYWORD_ONLY)
   }
-  if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
-    arguments.update(aliases.galore_option_defaults())  # **galore_options
-  return arguments
 
 
 def _coerce(key: str, value: Any, default: Any, name: str) -> Any:

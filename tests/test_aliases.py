@@ -34,10 +34,21 @@ def test_option_defaults_are_hugging_faces():
 
 @pytest.mark.parametrize("alias", GALORE_ALIASES, ids=lambda f: f.__name__)
 def test_aliases_take_the_options_as_galore_options(alias):
-  parameter = inspect.signature(alias).parameters["galore_options"]
-  assert parameter.kind == parameter.VAR_KEYWORD
-  assert "Unpack[GaLoreOptions]" in str(parameter.annotation)
+  assert "galore_options: Unpack[GaLoreOptions]" in str(
+      alias.__annotations__["galore_options"]) or (
+          alias.__annotations__["galore_options"] == "Unpack[GaLoreOptions]")
   assert "**galore_options: ``GaLoreOptions``" in alias.__doc__
+
+
+@pytest.mark.parametrize("alias", GALORE_ALIASES, ids=lambda f: f.__name__)
+def test_aliases_list_every_option_in_their_signature(alias):
+  # What help(), optax.inject_hyperparams and create_optimizer read.
+  parameters = inspect.signature(alias).parameters
+  assert "galore_options" not in parameters
+  assert {name: parameters[name].default for name in GaLoreOptions.__annotations__
+          } == aliases.galore_option_defaults()
+  assert all(parameters[name].kind == inspect.Parameter.KEYWORD_ONLY
+             for name in GaLoreOptions.__annotations__)
 
 
 @pytest.mark.parametrize("alias", GALORE_ALIASES, ids=lambda f: f.__name__)

@@ -85,8 +85,18 @@ def documented_args(doc: str | None) -> list[str] | None:
 
 
 def signature_args(function) -> list[str]:
-  """The parameter names, without ``self`` or ``cls``."""
-  return [name for name in inspect.signature(function).parameters
+  """The parameter names as written in the ``def``, without ``self``/``cls``.
+
+  Not ``inspect.signature``: the GaLore aliases present their
+  ``**galore_options`` as explicit keywords there, but document them once.
+  """
+  code = inspect.unwrap(function).__code__
+  names = iter(code.co_varnames)
+  positional = [next(names) for _ in range(code.co_argcount)]
+  keyword_only = [next(names) for _ in range(code.co_kwonlyargcount)]
+  varargs = [next(names)] if code.co_flags & inspect.CO_VARARGS else []
+  varkw = [next(names)] if code.co_flags & inspect.CO_VARKEYWORDS else []
+  return [name for name in positional + varargs + keyword_only + varkw
           if name not in ("self", "cls")]
 
 
