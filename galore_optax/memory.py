@@ -294,7 +294,7 @@ def explanation(per_layer: bool) -> str:
         "updates each leaf inside the backward pass as soon as its gradient "
         "exists, so about one leaf's gradient is alive at a time: the "
         "largest leaf's (the embedding or head; a row-chunked head holds "
-        "less). The optimizer state is the same.")
+        "less). The optimizer state is about the same.")
   lines += [
       "- total: params + grads + state. Activations, XLA's temporaries and "
       "copies are not counted: benchmarks/memory.py measures real peaks "

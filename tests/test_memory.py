@@ -2,6 +2,9 @@
 
 import json
 import math
+import re
+import shlex
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +170,15 @@ def _bytes_of(tx, params):
 def test_optimizer_state_bytes_is_exported():
   assert galore_optax.optimizer_state_bytes is memory.optimizer_state_bytes
   assert "optimizer_state_bytes" in galore_optax.__all__
+
+
+def test_readme_shows_the_commands_output(capsys):
+  readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+  section = re.search(r"## Memory report\n(.*?)\n## ", readme, re.S).group(1)
+  command = re.search(r"```bash\npython -m galore_optax.memory (.*?)\n```",
+                      section).group(1)
+  table = [line for line in section.splitlines() if line.startswith("|")]
+  memory.main(shlex.split(command))
+  printed = capsys.readouterr().out
+  assert table == [line for line in printed.splitlines()
+                   if line.startswith("|")]
