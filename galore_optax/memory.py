@@ -370,12 +370,12 @@ def build_parser() -> cli.ArgumentParser:
       "gradients and optimizer state, estimated from shapes (nothing is "
       "allocated).")
   p.add_argument("--models", type=cli.comma_list(tuple(LLAMA_SHAPES)),
-                 default=None,
+                 default=None, metavar="LIST",
                  help=f"comma-separated presets from {', '.join(LLAMA_SHAPES)}"
                  f" (default: the paper's {','.join(PAPER_MODELS)}; none "
                  "when --config is given)")
-  p.add_argument("--config", action="append", type=_config_model, default=[],
-                 metavar="PATH",
+  p.add_argument("--config", action="append", type=_config_model,
+                 default=None, metavar="PATH",
                  help="a transformers LlamaConfig-style config.json, or its "
                  "directory (repeatable)")
   p.add_argument("--rank", type=cli.positive_int, default=None,
@@ -389,15 +389,19 @@ def build_parser() -> cli.ArgumentParser:
                  "'all-linear'; 'all'")
   p.add_argument("--param-dtype", "--dtypes", dest="param_dtypes",
                  type=cli.comma_list(PARAM_DTYPES), default="bfloat16,float32",
-                 help="comma-separated parameter (and gradient) dtypes")
+                 metavar="LIST",
+                 help="comma-separated parameter (and gradient) dtypes, from "
+                 f"{', '.join(PARAM_DTYPES)}")
   p.add_argument("--projector-dtype", dest="projector_dtypes",
                  type=cli.comma_list(projector_storage.PROJECTOR_DTYPES),
                  default=",".join(projector_storage.PROJECTOR_DTYPES),
+                 metavar="LIST",
                  help="comma-separated projector storage dtypes: one row each "
                  f"for {', '.join(PROJECTED_OPTIMIZERS)}")
   p.add_argument("--optimizers", type=cli.comma_list(OPTIMIZERS),
-                 default=",".join(OPTIMIZERS),
-                 help="comma-separated rows to show")
+                 default=None, metavar="LIST",
+                 help=f"comma-separated rows to show, from "
+                 f"{', '.join(OPTIMIZERS)} (default: all)")
   p.add_argument("--per-layer", action="store_true",
                  help="add the gradient and total columns of a per-layer step "
                  "(galore_optax.layerwise)")
@@ -415,10 +419,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   """
   parser = build_parser()
   args = parser.parse_args(argv)
+  configs = args.config or []
   models = {name: LLAMA_SHAPES[name] for name in (
-      args.models or ([] if args.config else PAPER_MODELS))}
+      args.models or ([] if configs else PAPER_MODELS))}
   ranks = {name: args.rank or DEFAULT_RANKS[name] for name in models}
-  for name, shape in args.config:
+  for name, shape in configs:
     if name in models:
       name = f"{name} ({len(models)})"
     models[name] = shape
@@ -430,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   rows = memory_table(models, args.param_dtypes, ranks=ranks,
                       target_modules=target_modules,
                       projector_dtypes=args.projector_dtypes,
-                      optimizers=args.optimizers)
+                      optimizers=args.optimizers or OPTIMIZERS)
   print(format_table(rows, args.per_layer))
   print()
   print(explanation(args.per_layer))

@@ -231,6 +231,7 @@ def test_every_option_has_help_and_one_default(parser):
   text = parser.format_help()
   assert "(default: None)" not in text
   assert "(default: False)" not in text
+  assert "(default: [])" not in text
   # Each option's entry names its default at most once.
   entries = text.split("\n  -")
   for entry in entries:
