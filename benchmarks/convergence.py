@@ -100,7 +100,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
       return summary
   print(f"[{name}] python -m examples.pretrain_llama {' '.join(argv)}",
         flush=True)
-  summary = pretrain_llama.main(argv)
+  # A run whose summary is missing or stale is redone from scratch.
+  summary = pretrain_llama.main(argv + ["--overwrite"])
   summary["argv"] = argv
   done.write_text(json.dumps(summary, indent=2))
   return summary

@@ -65,11 +65,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import galore_optax  # noqa: E402
 from examples import llama  # noqa: E402
 from galore_optax import layerwise  # noqa: E402
+from galore_optax import memory  # noqa: E402
 from galore_optax import weight_quantization  # noqa: E402
 
 GIB = 2**30
-PAPER_RANKS = {"tiny": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512,
-               "7b": 1024}
+# The paper's rank for each size (tiny: the example's default).
+PAPER_RANKS = memory.DEFAULT_RANKS
 OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit")
 MODES = ("ordinary", "layerwise", "layerwise_scan")
 TARGETS = ["attn", "mlp"]  # the paper's GaLore targets (not embed / head)

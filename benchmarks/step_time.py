@@ -47,10 +47,11 @@ from flax import nnx
 
 import galore_optax
 from examples import llama
+from galore_optax import memory
 
 TARGETS = ["attn", "mlp"]
-PAPER_RANKS = {"tiny": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512,
-               "7b": 1024}
+# The paper's rank for each size (tiny: the example's default).
+PAPER_RANKS = memory.DEFAULT_RANKS
 
 
 def optimizers(rank: int, gap: int,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -34,10 +35,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
-from flax import nnx
+
+# transformers announces on import that PyTorch is missing; these examples
+# only use its configs and tokenizers, so that line is noise in every run.
+logging.getLogger("transformers").addFilter(
+    lambda record: not record.getMessage().startswith("PyTorch was not found"))
+import transformers  # noqa: E402  (after the filter above)
+from flax import nnx  # noqa: E402
 
 from galore_optax import layerwise
+from galore_optax import memory
 
 Dtype = Any
 # A transformers.PretrainedConfig, a preset name or a local path.
@@ -72,52 +79,46 @@ __all__ = [
 # Presets
 # ---------------------------------------------------------------------------
 
-# ByT5's vocabulary: 3 special tokens + 256 bytes + 125 sentinel ids. The tiny
-# preset uses it so that it trains with no tokenizer files at all.
-BYT5_VOCAB_SIZE = 384
+# The tiny preset's vocabulary (ByT5's bytes), so that it trains with no
+# tokenizer files at all.
+BYT5_VOCAB_SIZE = memory.BYT5_VOCAB_SIZE
 
 
 def _llama_config(
-    d_model: int,
-    ffn: int,
-    heads: int,
-    layers: int,
+    shape: memory.LlamaShape,
     *,
-    vocab_size: int = 32000,
     max_position_embeddings: int = 1024,
-    kv_heads: int | None = None,
     **kwargs: Any,
 ) -> transformers.LlamaConfig:
-  """Builds a ``LlamaConfig`` with the fields the presets vary."""
+  """Builds a ``LlamaConfig`` of these shapes (plus the fields given)."""
   return transformers.LlamaConfig(
-      vocab_size=vocab_size,
-      hidden_size=d_model,
-      intermediate_size=ffn,
-      num_attention_heads=heads,
-      num_key_value_heads=kv_heads if kv_heads is not None else heads,
-      num_hidden_layers=layers,
-      head_dim=d_model // heads,
+      vocab_size=shape.vocab,
+      hidden_size=shape.d_model,
+      intermediate_size=shape.ffn,
+      num_attention_heads=shape.heads,
+      num_key_value_heads=shape.kv_heads or shape.heads,
+      num_hidden_layers=shape.layers,
+      head_dim=shape.head_dim or shape.d_model // shape.heads,
       max_position_embeddings=max_position_embeddings,
       rms_norm_eps=1e-6,
       initializer_range=0.02,
       hidden_act="silu",
-      tie_word_embeddings=False,
+      tie_word_embeddings=shape.tie_embeddings,
       **kwargs,
   )
 
 
-# The paper's LLaMA shapes (GaLore, Table 2 and the 7B run). `tiny` is a
-# CPU-sized model on the ByT5 byte vocabulary (pad 0, eos 1).
+# The fields of each preset beyond its shapes (``galore_optax.memory.
+# LLAMA_SHAPES``, the single source of the presets' shapes): `tiny` is a
+# CPU-sized model on the ByT5 byte vocabulary (pad 0, eos 1); the others are
+# the paper's LLaMA shapes (GaLore, Table 2 and the 7B run).
+_PRESET_FIELDS: dict[str, dict[str, Any]] = {
+    "tiny": dict(pad_token_id=0, eos_token_id=1, bos_token_id=None),
+    "7b": dict(max_position_embeddings=2048),
+}
 PRESETS: dict[str, transformers.LlamaConfig] = {
-    "tiny": _llama_config(
-        256, 688, 4, 4, vocab_size=BYT5_VOCAB_SIZE,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None,
-    ),
-    "60m": _llama_config(512, 1376, 8, 8),
-    "130m": _llama_config(768, 2048, 12, 12),
-    "350m": _llama_config(1024, 2736, 16, 24),
-    "1b": _llama_config(2048, 5461, 32, 24),
-    "7b": _llama_config(4096, 11008, 32, 32, max_position_embeddings=2048),
+    name: _llama_config(shape, **_PRESET_FIELDS.get(name, {}))
+    for name, shape in memory.LLAMA_SHAPES.items()
 }
 
 

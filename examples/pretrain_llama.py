@@ -67,12 +67,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import galore_optax
+from galore_optax import cli
 from galore_optax import layerwise as galore_layerwise
+from galore_optax import memory
 from galore_optax import weight_quantization
+from galore_optax.cli import parse_target_modules
 from examples import data as data_lib
 from examples import llama
 
@@ -118,32 +122,6 @@ ADAM_B2 = 0.999
 ADAM_EPS = 1e-8
 
 
-def parse_target_modules(spec: str | None) -> galore_optax.targets.TargetModules:
-  """``--target-modules`` -> a ``galore_optax.targets`` selection.
-
-  Args:
-    spec: a comma-separated list of names/substrings/regexes
-      (``"attn,mlp"``); ``"re:REGEX"`` for a single regex that must match
-      the whole name (Hugging Face's single-string semantics);
-      ``"all-linear"`` for every dense kernel; ``"all"`` (or ``None``) for
-      every leaf with two or more dimensions.
-
-  Returns:
-    ``None``, a string or a list of strings.
-  """
-  if spec is None or spec.strip().lower() in ("", "all", "none"):
-    return None
-  spec = spec.strip()
-  if spec.startswith("re:"):
-    return spec[3:]
-  if spec.replace("_", "-") == "all-linear":
-    return "all-linear"
-  entries = [s.strip() for s in spec.split(",") if s.strip()]
-  if not entries:
-    raise ValueError(f"Empty --target-modules {spec!r}.")
-  return entries
-
-
 def make_optimizer(name: str, schedule: optax.Schedule, args: Any,
                    params: Any) -> optax.GradientTransformation:
   """The optimizer table: builds optimizer ``name`` (without clipping).
@@ -162,7 +140,7 @@ def make_optimizer(name: str, schedule: optax.Schedule, args: Any,
     An ``optax.GradientTransformation``.
 
   Raises:
-    ValueError: for an unknown name.
+    ValueError: for an unknown name, or targets that match no matrix.
   """
   targets = parse_target_modules(args.target_modules)
   adam_kw = dict(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS,
@@ -209,6 +187,9 @@ def make_optimizer(name: str, schedule: optax.Schedule, args: Any,
   galore = base in galore_optax.names.GALORE_NAMES
   if galore and targets is None:
     targets = ".*"  # every leaf with two or more dimensions
+  if galore:
+    # A selection that matches no matrix raises now, not inside tx.init.
+    galore_optax.target_mask(params, targets)
   return galore_optax.create_optimizer(
       base, schedule, target_modules=targets if galore else None,
       weight_decay=args.weight_decay, **kwargs)
@@ -329,6 +310,9 @@ FAST_COMPILE_OPTIONS = {
     "xla_cpu_use_fusion_emitters": False,
 }
 
+# What a run writes into its --out-dir; --overwrite removes exactly these.
+RUN_OUTPUTS = ("checkpoints", "metrics.csv", "summary.json", "args.json",
+               "loss.png", "tensorboard")
 METRIC_FIELDS = ("step", "train_loss", "eval_loss", "eval_ppl", "lr",
                  "tokens_per_s", "elapsed")
 # Arguments a resumed run must share with the run that wrote the checkpoint.
@@ -443,12 +427,14 @@ class _TensorBoard:
 # ---------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The command line: model, optimizer, data, parallelism, output flags."""
-  p = argparse.ArgumentParser(
-      prog="python -m examples.pretrain_llama",
-      description="Pre-train a LLaMA-style model with GaLore (JAX/Optax).",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+  """The command line: model, optimizer, data, parallelism, output flags.
+
+  A bad value is one line on stderr and exit status 2 (``cli.ArgumentParser``).
+  """
+  p = cli.ArgumentParser(
+      prog="python -m examples.pretrain_llama", error_name="pretrain_llama",
+      description="Pre-train a LLaMA-style model with GaLore (JAX/Optax).")
   _add_model_flags(p)
   _add_optimizer_flags(p)
   _add_data_flags(p)
@@ -457,9 +443,35 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def model_spec(text: str) -> str:
+  """``type=`` of ``--model``: a preset or a LLaMA-style ``config.json``."""
+  if text in llama.PRESETS:
+    return text
+  if not os.path.exists(text):
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a preset ({', '.join(llama.PRESETS)}) nor an "
+        "existing config.json file or directory")
+  try:
+    # The fields of the model's shapes must be there (transformers would
+    # silently fill in LLaMA-7B's).
+    memory.llama_shape_from_config(memory.read_config_json(text))
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+  return text
+
+
+def mesh_spec(text: str) -> str:
+  """``type=`` of ``--mesh``: checked by ``parse_mesh``, kept as written."""
+  try:
+    parse_mesh(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+  return text
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("model")
-  g.add_argument("--model", default="tiny",
+  g.add_argument("--model", default="tiny", type=model_spec,
                  help=f"preset ({', '.join(llama.PRESETS)}) or a local "
                  "config.json path / directory")
   g.add_argument("--param-dtype", default="float32",
@@ -473,9 +485,10 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--weight-rounding", default="stochastic",
                  choices=("stochastic", "nearest"),
                  help="how updated int8 weights are rounded back")
-  g.add_argument("--weight-group-size", type=int, default=256,
+  g.add_argument("--weight-group-size", type=cli.positive_int, default=256,
                  help="values of a matrix row per int8 scale")
-  g.add_argument("--weight-modules", default=None,
+  g.add_argument("--weight-modules", type=cli.target_modules_spec,
+                 default=None,
                  help="which matrices --weights int8 stores in int8 (same "
                  "syntax as --target-modules; default: the same selection)")
   g.add_argument("--scan-layers", action="store_true",
@@ -484,32 +497,45 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("optimizer")
-  g.add_argument("--optimizer", default="galore_adamw", choices=OPTIMIZERS)
-  g.add_argument("--rank", type=int, default=64, help="GaLore rank r")
-  g.add_argument("--update-proj-gap", type=int, default=50,
+  g.add_argument("--optimizer", default="galore_adamw", choices=OPTIMIZERS,
+                 help="a Hugging Face Trainer name (galore_optax."
+                 "create_optimizer; '_layerwise': each parameter is updated "
+                 "inside the backward pass) or optax_contrib_galore "
+                 "(optax's GaLore on the same targets)")
+  g.add_argument("--rank", type=cli.positive_int, default=64,
+                 help="GaLore rank r")
+  g.add_argument("--update-proj-gap", type=cli.positive_int, default=50,
                  help="GaLore T: updates between projector refreshes")
-  g.add_argument("--scale", type=float, default=0.25, help="GaLore alpha")
+  g.add_argument("--scale", type=cli.positive_float, default=0.25,
+                 help="GaLore alpha: scale of the projected-back update")
   g.add_argument("--proj-type", default="std",
-                 choices=galore_optax.PROJ_TYPES)
-  g.add_argument("--target-modules", default="attn,mlp",
+                 choices=galore_optax.PROJ_TYPES,
+                 help="which side of each matrix GaLore projects: std "
+                 "(galore_torch's) keeps the larger one, reverse_std the "
+                 "smaller; left, right or full (both)")
+  g.add_argument("--target-modules", type=cli.target_modules_spec,
+                 default="attn,mlp",
                  help="comma-separated names/substrings/regexes; 're:REGEX' "
                  "for one full-match regex; 'all-linear'; 'all'")
   g.add_argument("--projector-method", default="svd",
-                 choices=galore_optax.PROJECTOR_METHODS)
+                 choices=galore_optax.PROJECTOR_METHODS,
+                 help="how a refresh computes the projector: exact SVD or a "
+                 "randomized range finder")
   g.add_argument("--moments", default="keep",
                  choices=galore_optax.MOMENT_POLICIES,
                  help="GaLore moments at a projector refresh")
-  g.add_argument("--lr", type=float, default=None,
+  g.add_argument("--lr", type=cli.positive_float, default=None,
                  help=f"peak learning rate (default: {_GALORE_LR:g} for the "
                  f"GaLore optimizers, {_FULL_RANK_LR:g} for the others)")
-  g.add_argument("--min-lr-ratio", type=float, default=0.1,
+  g.add_argument("--min-lr-ratio", type=cli.unit_interval, default=0.1,
                  help="final learning rate / peak")
-  g.add_argument("--warmup-ratio", type=float, default=0.1,
+  g.add_argument("--warmup-ratio", type=cli.unit_interval, default=0.1,
                  help="fraction of the steps spent warming up")
-  g.add_argument("--weight-decay", type=float, default=0.0)
-  g.add_argument("--max-grad-norm", type=float, default=1.0,
+  g.add_argument("--weight-decay", type=cli.non_negative_float, default=0.0,
+                 help="decoupled weight decay, as torch.optim.AdamW's")
+  g.add_argument("--max-grad-norm", type=cli.non_negative_float, default=1.0,
                  help="clip gradients to this global norm (0: off)")
-  g.add_argument("--grad-accum", type=int, default=1,
+  g.add_argument("--grad-accum", type=cli.positive_int, default=1,
                  help="micro-batches per optimizer update (optax.MultiSteps)")
 
 
@@ -519,48 +545,60 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
                  help="stdlib (default), files/dirs/globs, or hf:NAME[:CONFIG]")
   g.add_argument("--tokenizer", default=None,
                  help="byt5 (default) or a local tokenizer directory")
-  g.add_argument("--max-train-bytes", type=int, default=None,
-                 help="cap on the training text read")
+  g.add_argument("--max-train-bytes", type=cli.positive_int, default=None,
+                 help="cap on the training text read (default: no cap)")
   g.add_argument("--cache-dir", default=None,
-                 help="tokenised-corpus cache (default ~/.cache/galore_optax)")
-  g.add_argument("--batch-size", type=int, default=8,
+                 help="tokenised-corpus cache (default: ~/.cache/galore_optax)")
+  g.add_argument("--batch-size", type=cli.positive_int, default=8,
                  help="sequences per micro-batch")
-  g.add_argument("--seq-len", type=int, default=256)
-  g.add_argument("--steps", type=int, default=64, help="optimizer updates")
-  g.add_argument("--eval-every", type=int, default=16,
+  g.add_argument("--seq-len", type=cli.positive_int, default=256,
+                 help="tokens per training sequence")
+  g.add_argument("--steps", type=cli.positive_int, default=64,
+                 help="optimizer updates")
+  g.add_argument("--eval-every", type=cli.non_negative_int, default=16,
                  help="evaluate every N updates (0: only at start and end)")
-  g.add_argument("--eval-batches", type=int, default=4,
+  g.add_argument("--eval-batches", type=cli.positive_int, default=4,
                  help="fixed held-out batches per evaluation")
-  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--seed", type=cli.non_negative_int, default=0,
+                 help="seed of the initialisation, the batch order and the "
+                 "stochastic rounding")
 
 
 def _add_parallelism_flags(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("parallelism")
-  g.add_argument("--mesh", default=None,
+  g.add_argument("--mesh", type=mesh_spec, default=None,
                  help="e.g. 'data=2,fsdp=4' or 'fsdp=8' (default: 1 device)")
   g.add_argument("--distributed", action="store_true",
                  help="multi-host: jax.distributed.initialize() with the "
                  "cluster's auto-detected settings (SLURM, Cloud TPU, ...)")
   g.add_argument("--coordinator", default=None,
                  help="multi-host: address host:port of process 0")
-  g.add_argument("--num-processes", type=int, default=None,
+  g.add_argument("--num-processes", type=cli.positive_int, default=None,
                  help="multi-host: number of processes (with --coordinator)")
-  g.add_argument("--process-id", type=int, default=None,
+  g.add_argument("--process-id", type=cli.non_negative_int, default=None,
                  help="multi-host: this process's index (with --coordinator)")
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("output")
   g.add_argument("--out-dir", default=None,
-                 help="default runs/<optimizer>-<model>")
-  g.add_argument("--log-every", type=int, default=10,
+                 help="where the run writes (default: runs/<optimizer>-"
+                 "<model>, so a second run of the same command needs "
+                 "--resume or --overwrite)")
+  reuse = g.add_mutually_exclusive_group()
+  reuse.add_argument("--resume", action="store_true",
+                     help="continue from the latest checkpoint in --out-dir")
+  reuse.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier run's outputs in --out-dir ("
+                     f"{', '.join(RUN_OUTPUTS)}; other files stay); without "
+                     "it or --resume, a --out-dir holding them is an error")
+  g.add_argument("--log-every", type=cli.positive_int, default=10,
                  help="fetch losses and update the bar every N updates")
   g.add_argument("--checkpoint-every", type=int, default=0,
                  help="save every N updates (0: only at the end; "
                  "negative: never)")
-  g.add_argument("--keep-checkpoints", type=int, default=3)
-  g.add_argument("--resume", action="store_true",
-                 help="continue from the latest checkpoint in --out-dir")
+  g.add_argument("--keep-checkpoints", type=cli.positive_int, default=3,
+                 help="how many of the latest checkpoints are kept")
   g.add_argument("--plot", action=argparse.BooleanOptionalAction,
                  default=True, help="write loss.png")
   g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
@@ -572,18 +610,29 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
                  "compiles, slower steps, float rounding may differ (for "
                  "tests and smoke runs)")
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  args = build_parser().parse_args(argv)
+
+def default_out_dir(args: argparse.Namespace) -> str:
+  """``runs/<optimizer>-<model>``: ``--out-dir`` when it is not given."""
+  return os.path.join("runs", f"{args.optimizer}-{_model_tag(args.model)}")
+
+
+def parse_args(argv: Sequence[str] | None,
+               parser: argparse.ArgumentParser | None = None
+               ) -> argparse.Namespace:
+  """Parses and completes the arguments (default ``--lr`` and ``--out-dir``).
+
+  Args:
+    argv: command-line arguments (default ``sys.argv[1:]``).
+    parser: the parser (default ``build_parser()``).
+
+  Returns:
+    The arguments.
+  """
+  args = (parser or build_parser()).parse_args(argv)
   if args.lr is None:
     args.lr = default_lr(args.optimizer)
-  for name in ("steps", "batch_size", "seq_len", "grad_accum", "rank",
-               "update_proj_gap", "eval_batches", "log_every",
-               "weight_group_size"):
-    if getattr(args, name) < 1:
-      raise SystemExit(f"--{name.replace('_', '-')} must be >= 1.")
   if args.out_dir is None:
-    args.out_dir = os.path.join(
-        "runs", f"{args.optimizer}-{_model_tag(args.model)}")
+    args.out_dir = default_out_dir(args)
   if args.data is not None and len(args.data) == 1:
     args.data = args.data[0]
   elif args.data == []:
@@ -609,6 +658,10 @@ def prepare_run(args: argparse.Namespace) -> tuple[Path, Path]:
 
   Returns:
     ``(out_dir, checkpoint_dir)``.
+
+  Raises:
+    ValueError: if ``--out-dir`` holds an earlier run's outputs and neither
+      ``--resume`` nor ``--overwrite`` is given.
   """
   if args.coordinator or args.distributed:
     # Multi-host: one process per host, all running this same command. The
@@ -622,8 +675,47 @@ def prepare_run(args: argparse.Namespace) -> tuple[Path, Path]:
   if jax.process_index() > 0:
     out_dir = out_dir / f"process-{jax.process_index()}"
     args.progress = False
+  replace_earlier_run(args, out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   return out_dir, ckpt_dir
+
+
+def replace_earlier_run(args: argparse.Namespace, out_dir: Path) -> None:
+  """Removes an earlier run's outputs with ``--overwrite``; refuses without.
+
+  Each process looks at its own directory (process 0's holds the shared
+  checkpoints); with ``--resume`` the outputs are continued instead.
+
+  Args:
+    args: the parsed arguments (``resume``, ``overwrite``, ``out_dir``).
+    out_dir: this process's output directory.
+
+  Raises:
+    ValueError: if ``out_dir`` holds some of ``RUN_OUTPUTS`` and neither
+      ``--resume`` nor ``--overwrite`` is given.
+  """
+  found = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+  if found and not (args.resume or args.overwrite):
+    which = ("the default --out-dir" if args.out_dir == default_out_dir(args)
+             else "--out-dir")
+    raise ValueError(
+        f"{which} {out_dir} already holds a run ({', '.join(found)}): pass "
+        "--resume to continue it, --overwrite to replace it, or another "
+        "--out-dir.")
+  if args.overwrite:
+    for name in found:
+      path = out_dir / name
+      if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+      else:
+        path.unlink()
+    if found:
+      print(f"--overwrite: removed the earlier run's {', '.join(found)} in "
+            f"{out_dir}.")
+    if jax.process_count() > 1:
+      # No process may write into the checkpoint directory before process 0
+      # has removed the old one.
+      multihost_utils.sync_global_devices("pretrain_llama: --overwrite done")
 
 
 @dataclasses.dataclass
@@ -840,18 +932,17 @@ class Steps:
   jit_kw: dict[str, Any]
 
 
-def setup_steps(args: argparse.Namespace, model: Model,
-                placement: Placement) -> Steps:
-  """Builds the optimizer and the jitted steps; sets the state shardings."""
+def setup_steps(args: argparse.Namespace, model: Model, placement: Placement,
+                schedule: optax.Schedule,
+                tx: optax.GradientTransformation) -> Steps:
+  """Builds the jitted steps around ``tx``; sets the state shardings."""
   jit_kw = {}
   if args.fast_compile and jax.default_backend() == "cpu":
     jit_kw["compiler_options"] = FAST_COMPILE_OPTIONS
-  schedule = make_schedule(args)
   # The learning rate of update k (1-based) is schedule(k - 1); computed
   # once, not with one tiny dispatch per step.
   lrs = np.asarray(jax.jit(jax.vmap(schedule), **jit_kw)(
       jnp.arange(args.steps)))
-  tx = build_tx(args, schedule, model.params_abstract)
   opt_init, core_step = make_update(args, model, tx)
   opt_abstract = jax.eval_shape(opt_init, model.stored_abstract)
   placement.opt_state = tree_shardings(placement.mesh, opt_abstract)
@@ -937,9 +1028,10 @@ class Checkpoints:
   """Orbax checkpoints of a ``TrainState``, with data position and arguments.
 
   Args:
-    args: the parsed arguments (``resume``, ``keep_checkpoints``, and the
+    args: the parsed arguments (``keep_checkpoints``, and the
       ``RESUME_KEYS`` saved with every checkpoint).
-    directory: the checkpoint directory; emptied unless resuming.
+    directory: the checkpoint directory (an earlier run's is removed by
+      ``prepare_run`` with ``--overwrite``).
   """
 
   def __init__(self, args: argparse.Namespace, directory: Path):
@@ -952,9 +1044,6 @@ class Checkpoints:
         max_to_keep=args.keep_checkpoints, create=True,
         # Synchronous: the next train step donates (deletes) these buffers.
         enable_async_checkpointing=False)
-    if not args.resume and directory.exists():
-      print(f"Not resuming: removing the old checkpoints in {directory}.")
-      shutil.rmtree(directory)
     self.manager = ocp.CheckpointManager(directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -1349,12 +1438,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     The summary dict also written to ``summary.json``.
   """
   t_main = time.perf_counter()
-  args = parse_args(argv)
-  out_dir, ckpt_dir = prepare_run(args)
-  data = load_data(args)
-  model = setup_model(args, data.corpus)
-  placement = setup_mesh(args, model)
-  steps = setup_steps(args, model, placement)
+  parser = build_parser()
+  args = parse_args(argv, parser)
+  # The documented input errors of the setup (a run directory in use, a
+  # missing data path, an unreadable config, a mesh larger than the devices,
+  # targets that match nothing...) are one line, not a traceback.
+  with cli.user_errors(parser):
+    out_dir, ckpt_dir = prepare_run(args)
+    data = load_data(args)
+    model = setup_model(args, data.corpus)
+    placement = setup_mesh(args, model)
+    schedule = make_schedule(args)
+    tx = build_tx(args, schedule, model.params_abstract)
+  steps = setup_steps(args, model, placement, schedule, tx)
   checkpoints = Checkpoints(args, ckpt_dir)
   state = restore_or_init(args, model, placement, steps, checkpoints)
   metrics = Metrics(out_dir, args, state.start_step)

@@ -19,6 +19,7 @@ from galore_optax.aliases import adamw_8bit
 from galore_optax.aliases import galore_adafactor
 from galore_optax.aliases import galore_adamw
 from galore_optax.aliases import galore_adamw_8bit
+from galore_optax.accounting import optimizer_state_bytes
 from galore_optax.names import OPTIMIZER_NAMES
 from galore_optax.names import create_optimizer
 from galore_optax.names import optimizer_arguments
@@ -49,6 +50,7 @@ __all__ = (
     "galore_adafactor",
     "names",
     "optimizer_arguments",
+    "optimizer_state_bytes",
     "parse_optim_args",
     "parse_optimizer_name",
     "scale_by_adafactor",

@@ -102,12 +102,6 @@ def signature_args(function) -> list[str]:
 
 PUBLIC_FUNCTIONS = _public_functions()
 
-# Functions whose docstrings still lack an Args section, in modules being
-# refactored on other branches. Strict: delete an entry together with its fix.
-KNOWN_GAPS = frozenset({
-    "galore_optax.memory.main",
-    "galore_optax.memory.memory_table",
-})
 
 
 def test_discovery_finds_the_public_api():
@@ -141,10 +135,7 @@ def test_parser_reads_google_style_args():
   assert documented_args("Summary only.") is None
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=True, reason="no Args section yet")) if name in KNOWN_GAPS
-    else name for name in PUBLIC_FUNCTIONS])
+@pytest.mark.parametrize("name", list(PUBLIC_FUNCTIONS))
 def test_args_section_documents_exactly_the_signature(name):
   function = PUBLIC_FUNCTIONS[name]
   expected = signature_args(function)

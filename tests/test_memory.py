@@ -1,13 +1,21 @@
 """Optimizer-state accounting: hand counts and the paper-scale targets."""
 
+import json
 import math
+import re
+import shlex
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
+import galore_optax
+from galore_optax import galore_adamw
 from galore_optax import galore_adamw_8bit
 from galore_optax import memory
+from galore_optax import targets
 
 BLOCK = 256
 
@@ -68,3 +76,109 @@ def test_command_prints_table(capsys):
   assert {r["optimizer"] for r in rows} >= {
       "optax.adamw", "adamw_8bit", "optax.contrib.galore", "galore_adamw",
       "galore_adamw_8bit"}
+
+
+# -- the report: presets, config.json, flags, per-layer columns ---------------
+
+SMALL_GQA_TIED = {
+    "model_type": "llama", "vocab_size": 384, "hidden_size": 64,
+    "intermediate_size": 128, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_hidden_layers": 2, "head_dim": 8,
+    "tie_word_embeddings": True,
+}
+
+
+def _named_shapes(tree):
+  return {targets.path_to_name(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize("model", ["tiny", "60m", "config"])
+def test_abstract_params_match_the_example_model(model, tmp_path):
+  from examples import llama  # pylint: disable=import-outside-toplevel
+  if model == "config":
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SMALL_GQA_TIED))
+    shape = memory.llama_shape_from_config(memory.read_config_json(tmp_path))
+    config = llama.get_config(str(path))
+  else:
+    shape, config = memory.LLAMA_SHAPES[model], llama.get_config(model)
+  example = llama.get_params(llama.abstract_model(config))
+  assert _named_shapes(memory.llama_abstract_params(shape)) == _named_shapes(
+      example)
+
+
+def test_report_flags_config_and_per_layer_columns(capsys, tmp_path):
+  config = tmp_path / "small" / "config.json"
+  config.parent.mkdir()
+  config.write_text(json.dumps(SMALL_GQA_TIED))
+  rows = memory.main([
+      "--models", "tiny", "--config", str(config), "--rank", "8",
+      "--target-modules", "attn", "--param-dtype", "float32",
+      "--projector-dtype", "bfloat16,int8",
+      "--optimizers", "optax.adamw,galore_adamw_8bit", "--per-layer"])
+  printed = capsys.readouterr().out
+  assert {r["model"] for r in rows} == {"tiny", "small"}
+  assert {r["rank"] for r in rows} == {8}
+  assert [(r["optimizer"], r["projector"]) for r in rows[:3]] == [
+      ("optax.adamw", "-"), ("galore_adamw_8bit", "bfloat16"),
+      ("galore_adamw_8bit", "int8")]
+  params = memory.llama_abstract_params(memory.LLAMA_SHAPES["tiny"],
+                                        jnp.float32)
+  expected = memory.optimizer_state_bytes(galore_adamw_8bit(
+      1e-3, rank=8, target_modules=["attn"], projector_dtype="int8"), params)
+  assert rows[2]["state_bytes"] == expected.total
+  # tiny's largest leaf is an MLP kernel (256 x 688), not the embedding.
+  assert rows[0]["layerwise_grad_bytes"] == 256 * 688 * 4
+  assert rows[0]["grad_bytes"] == rows[0]["param_bytes"] == 4 * sum(
+      math.prod(x.shape) for x in jax.tree.leaves(params))
+  assert "| per-layer grads MiB | per-layer total MiB |" in printed
+  assert "| tiny | float32 | 8 | galore_adamw_8bit | int8 |" in printed
+  assert "| small | float32 | 8 | optax.adamw | - |" in printed
+  assert memory.explanation(per_layer=True) in printed
+  assert "benchmarks/memory.py" in printed
+
+
+def test_default_ranks_and_columns_without_per_layer(capsys, tmp_path):
+  config = tmp_path / "gqa.json"
+  config.write_text(json.dumps(SMALL_GQA_TIED))
+  rows = memory.main(["--models", "tiny", "--config", str(config),
+                      "--param-dtype", "bfloat16", "--optimizers",
+                      "optax.adamw"])
+  printed = capsys.readouterr().out
+  assert {r["model"]: r["rank"] for r in rows} == {"tiny": 64, "gqa": 16}
+  assert "per-layer" not in printed.splitlines()[0]
+  assert memory.explanation(per_layer=False) in printed
+
+
+def test_contrib_state_is_reverse_std_with_a_parameter_dtype_projector():
+  # What the report's explanation says of optax.contrib.galore.
+  params = memory.llama_abstract_params(memory.LLAMA_SHAPES["60m"])
+  contrib = memory.comparison_optimizers(128)["optax.contrib.galore"]
+  like_contrib = galore_adamw(1e-3, rank=128, target_modules=["attn", "mlp"],
+                              proj_type="reverse_std",
+                              projector_dtype="bfloat16")
+  assert _bytes_of(contrib, params) == _bytes_of(like_contrib, params)
+  assert _bytes_of(contrib, params) < _bytes_of(
+      memory.comparison_optimizers(128)["galore_adamw"], params)
+
+
+def _bytes_of(tx, params):
+  return memory.optimizer_state_bytes(tx, params).total
+
+
+def test_optimizer_state_bytes_is_exported():
+  assert galore_optax.optimizer_state_bytes is memory.optimizer_state_bytes
+  assert "optimizer_state_bytes" in galore_optax.__all__
+
+
+def test_readme_shows_the_commands_output(capsys):
+  readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+  section = re.search(r"## Memory report\n(.*?)\n## ", readme, re.S).group(1)
+  command = re.search(r"```bash\npython -m galore_optax.memory (.*?)\n```",
+                      section).group(1)
+  table = [line for line in section.splitlines() if line.startswith("|")]
+  memory.main(shlex.split(command))
+  printed = capsys.readouterr().out
+  assert table == [line for line in printed.splitlines()
+                   if line.startswith("|")]
