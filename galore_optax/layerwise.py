@@ -130,6 +130,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_optax import ordering
 from galore_optax import projection
 from galore_optax import projector_storage
 from galore_optax import quantization
@@ -229,12 +230,13 @@ def _pack_array(x: jax.Array) -> jax.Array:
 
 
 def _unpack_array(y: jax.Array, spec: Any,
-                  after: jax.Array | None = None) -> jax.Array:
+                  zero: jax.Array | None = None) -> jax.Array:
   """Inverse of ``_pack_array`` given the original shape and dtype.
 
-  ``after``: a zero scalar; an integer array is then unpacked only once it
-  is computed (XLA:CPU materialises the bit-cast of 8-bit codes, and would
-  otherwise do it for every leaf at the start of the step and keep them).
+  ``zero``: an ``ordering.zero_after`` scalar; an integer array is then
+  unpacked only once it is computed (XLA:CPU materialises the bit-cast of
+  8-bit codes, and would otherwise do it for every leaf at the start of the
+  step and keep them).
   """
   dtype = jnp.dtype(spec.dtype)
   if jnp.issubdtype(dtype, jnp.inexact):
@@ -248,8 +250,8 @@ def _unpack_array(y: jax.Array, spec: Any,
     x = x.reshape(*x.shape[:-2], x.shape[-2] * 4)
     n = spec.shape[-1] if spec.shape else 1
     x = x[..., :n].reshape(spec.shape)
-  if after is not None:
-    x = x + after.astype(storage)  # an integer zero: exact
+  if zero is not None:
+    x = x + zero.astype(storage)  # an integer zero: exact
   if dtype == jnp.bool_:
     return x != 0
   return x
@@ -367,7 +369,7 @@ def scan_layers(f: Callable[[Any, Any], Any], carry: Any, layers: Any) -> Any:
   """
   leaves, ldef = jax.tree.flatten(layers)
   ctx = _current()
-  if ctx is None or not any(ctx.is_registered(x) for x in leaves):
+  if ctx is None or all(ctx.per_layer_index(x) is None for x in leaves):
     out, _ = jax.lax.scan(lambda c, p: (f(c, p), None), carry, layers)
     return out
   return ctx.scan(f, carry, leaves, ldef)
@@ -392,7 +394,7 @@ def call_layer(f: Callable[..., Any], carry: Any, params: Any, *args: Any,
     layer's backward pass, with the update ordered after the layer's input
     gradient (``dx = dy W^T`` reads the old ``W``; without that order
     XLA:CPU keeps a copy of every donated weight for the whole step). The
-    order comes from adding ``0 * nan_to_num(sum(dx))``, exact for any
+    order comes from ``galore_optax.ordering.after``, exact for any
     ``dx``.
 
   The step's leaves in ``params`` must not be used anywhere else in the loss
@@ -435,31 +437,12 @@ def _ordered_layer_fwd(f, carry, params, *consts):
   return f(carry, params, *consts), (carry, params, consts)
 
 
-def _traced_here(x: Any) -> bool:
-  """Whether ``x`` is a tracer of the trace now running (not one closed over
-  from an outer trace, as an array used inside a ``lax.scan`` body is)."""
-  # jax has no public accessor for the current trace.
-  from jax._src import core  # pylint: disable=g-import-not-at-top
-  return getattr(x, "_trace", None) is core.trace_ctx.trace
-
-
-def _zero_tie(tree: Any) -> jax.Array:
-  """A float32 zero that data-depends on every floating leaf of ``tree``.
-
-  ``0 * nan_to_num(sum)`` is exactly zero for any values (non-finite ones
-  included), and XLA cannot fold it away, so adding it to an array orders
-  that array's consumers after ``tree`` is computed.
-  """
-  total = jnp.zeros((), jnp.float32)
-  for x in jax.tree.leaves(tree):
-    if _is_float(x):
-      total = total + jnp.nan_to_num(jnp.sum(x, dtype=jnp.float32))
-  return total * 0
-
-
-def _add_tie(tree: Any, tie: jax.Array) -> Any:
-  return jax.tree.map(
-      lambda x: x + tie.astype(x.dtype) if _is_float(x) else x, tree)
+def _trace_state() -> Any:
+  """A comparable token of the trace now running (``jax.extend.core``)."""
+  get = getattr(jax.extend.core, "get_opaque_trace_state", None)
+  if get is None:  # jax < 0.10 has it in jax.core only
+    get = jax.core.get_opaque_trace_state
+  return get(convention="galore_optax")
 
 
 def _ordered_layer_bwd(f, res, ct):
@@ -467,10 +450,10 @@ def _ordered_layer_bwd(f, res, ct):
   # The recomputation starts from an input tied to the output cotangent: XLA
   # would otherwise schedule every layer's recomputation early (as soon as
   # its saved input exists) and keep all of them live at once.
-  carry = _add_tie(carry, _zero_tie(ct))
+  carry = ordering.after(carry, ct)
   _, vjp = jax.vjp(f, carry, params, *consts)
   ct_carry, ct_params, *ct_consts = vjp(ct)
-  ct_params = _add_tie(ct_params, _zero_tie(ct_carry))
+  ct_params = ordering.after(ct_params, ct_carry)
   return (ct_carry, ct_params, *ct_consts)
 
 
@@ -550,7 +533,7 @@ def _late_take_fwd(shape_dtype, table, ids):
 
 def _late_take_bwd(shape_dtype, ids, ct):
   shape, dtype = shape_dtype
-  zeros = jnp.zeros(shape, dtype) + _zero_tie(ct).astype(dtype)
+  zeros = ordering.after(jnp.zeros(shape, dtype), ct)
   return zeros.at[ids].add(ct.astype(dtype)), _float0_like(ids)
 
 
@@ -976,8 +959,8 @@ def make_layerwise_step(
     return new_p, LeafState(opt_state, acc, mini)
 
   def update_packed(layout, i, g, p, packed, key=None):
-    after = _zero_tie(g)
-    st = jax.tree.map(lambda y, spec: _unpack_array(y, spec, after), packed,
+    zero = ordering.zero_after(g)
+    st = jax.tree.map(lambda y, spec: _unpack_array(y, spec, zero), packed,
                       layout.specs[i])
     new_p, new_st = update_unit(layout, i, g, p, st, key)
     return new_p, pack_state(new_st)
@@ -1067,7 +1050,7 @@ def make_layerwise_step(
     @jax.custom_vjp
     def hook(stored, s, key_data):
       del s, key_data
-      return ctx.value(i, stored)
+      return ctx.values([i], [stored])[0]
 
     def fwd(stored, s, key_data):
       return hook(stored, s, key_data), (stored, s, key_data)
@@ -1094,20 +1077,22 @@ def make_layerwise_step(
       self.packed = packed
       self.key_data = key_data
       self.key_impl = key_impl
-      self.registry = {id(leaves[i]): (i, leaves[i], packed[i])
-                       for i in range(len(leaves)) if layout.per_layer[i]}
       self.consumed: set[int] = set()
-      self.hooked: dict[int, int] = {}  # id(hook output) -> leaf index
+      # What the loss function received for each leaf (a hook's output, or
+      # the leaf itself for per_layer leaves), found again by identity.
+      self.hooked: list[Any] = []
       self.taken: set[int] = set()  # leaves consumed by dense & co.
-      # Inside a call_layer's layer: id(weight seen by the layer) -> (leaf
-      # index, its (stored, packed, key data) inputs), and the leaves that
-      # a dense product has updated.
-      self.local: dict[int, tuple[int, Any]] | None = None
+      # Inside a call_layer's layer: (weight seen by the layer, leaf index,
+      # its (stored, packed, key data) inputs) for each of its leaves, the
+      # trace the layer runs in, and the leaves that a dense product has
+      # updated.
+      self.local: list[tuple[Any, int, Any]] | None = None
+      self.local_trace: Any = None
       self.local_dense: set[int] = set()
-      # A zero tied to the last kernel update made by a dense product in the
-      # current layer's backward pass: the next one waits for it, so the
-      # layer's weight gradients exist one at a time.
-      self.order_token: jax.Array | None = None
+      # In a layer's backward pass, what the next dense product's backward
+      # rule waits for (the layer's output gradient, then the last kernel
+      # update), so the layer's weight gradients exist one at a time.
+      self.wait_for: Any = None
 
     @property
     def inside_layer(self) -> bool:
@@ -1117,8 +1102,9 @@ def make_layerwise_step(
     def layer_scope(self, weights, ids, inputs):
       """Registers a layer's weights for ``dense`` while ``f`` is traced;
       yields the set of leaves that ``dense`` consumed."""
-      saved = self.local, self.local_dense
-      self.local = {id(w): (i, inp) for w, i, inp in zip(weights, ids, inputs)}
+      saved = self.local, self.local_trace, self.local_dense
+      self.local = list(zip(weights, ids, inputs))
+      self.local_trace = _trace_state()
       self.local_dense = set()
       try:
         # The recomputation runs in the backward pass, after the loss's
@@ -1126,16 +1112,18 @@ def make_layerwise_step(
         with _activate(self):
           yield self.local_dense
       finally:
-        self.local, self.local_dense = saved
+        self.local, self.local_trace, self.local_dense = saved
 
-    def is_registered(self, x):
-      return id(x) in self.registry
+    def per_layer_index(self, x) -> int | None:
+      """The index of the per_layer leaf ``x`` is, or None."""
+      return next((i for i, leaf in enumerate(self.leaves)
+                   if self.layout.per_layer[i] and leaf is x), None)
 
     def scan(self, f, carry, leaves, ldef):
       return _scan_layerwise(self, f, carry, leaves, ldef)
 
     def hooked_index(self, x) -> int | None:
-      return self.hooked.get(id(x))
+      return next((i for i, h in enumerate(self.hooked) if h is x), None)
 
     def is_quantized(self, x) -> bool:
       i = self.hooked_index(x)
@@ -1165,15 +1153,17 @@ def make_layerwise_step(
         return None
       return jax.random.wrap_key_data(key_data, impl=self.key_impl)
 
-    def value(self, i, stored, tie=None):
-      """Leaf ``i``'s float value; an int8 leaf's scale is tied to ``tie``
-      (a zero that orders the dequantisation after what it depends on)."""
-      if not self.layout.quantized[i]:
-        return stored
-      q = _from_carrier(stored)
-      if tie is not None:
-        q = q._replace(scale=q.scale + tie)
-      return leaf_value(self.layout, i, q)
+    def values(self, ids, stored, after=None):
+      """The float values of leaves ``ids`` from their stored values; int8
+      leaves are dequantised only once ``after`` exists (if given)."""
+      qs = [_from_carrier(x) if self.layout.quantized[i] else x
+            for i, x in zip(ids, stored)]
+      q_pos = [j for j, i in enumerate(ids) if self.layout.quantized[i]]
+      if after is not None and q_pos:
+        scales = ordering.after([qs[j].scale for j in q_pos], after)
+        for j, scale in zip(q_pos, scales):
+          qs[j] = qs[j]._replace(scale=scale)
+      return [leaf_value(self.layout, i, q) for i, q in zip(ids, qs)]
 
     def update(self, i, g, stored, packed, key_data):
       """Cotangents (new stored value, new packed state, key) of leaf i."""
@@ -1190,12 +1180,13 @@ def make_layerwise_step(
 
     def dense(self, x, kernel, dtype):
       if self.inside_layer:
-        if id(kernel) not in self.local or not _traced_here(kernel):
+        found = [(i, inp) for w, i, inp in self.local if w is kernel]
+        if not found or _trace_state() != self.local_trace:
           # Not a weight of this layer, or a product inside an inner
           # transformation of the layer (scan, cond): a plain product whose
           # gradient goes to the weight's update at the layer's end.
           return None
-        i, inputs = self.local[id(kernel)]
+        ((i, inputs),) = found
         if i in self.local_dense:
           raise ValueError(
               f"Parameter {self.layout.names[i]!r} is multiplied by more "
@@ -1245,9 +1236,7 @@ def make_layerwise_step(
       return out
 
     def weights_of(h_in, c):
-      tie = _zero_tie(c)
-      return [ctx.value(i, stored, tie)
-              for i, (stored, _, _) in zip(h_ids, h_in)]
+      return ctx.values(h_ids, [stored for stored, _, _ in h_in], after=c)
 
     def check(c, others, h_in, cs):
       """Raises if a leaf updated by ``dense`` is also used directly by the
@@ -1279,19 +1268,20 @@ def make_layerwise_step(
       c, others, h_in, cs = res
       # Recompute from an input tied to the output cotangent (see
       # _ordered_layer_bwd); the weights are made from it.
-      c = _add_tie(c, _zero_tie(ct))
+      c = ordering.after(c, ct)
       weights = weights_of(h_in, c)
       by_dense = set()
       _, vjp = jax.vjp(functools.partial(apply, by_dense=by_dense), c, others,
                        weights, h_in, cs)
-      ctx.order_token = _zero_tie(ct)
+      ctx.wait_for = ct
       ct_c, ct_others, ct_w, ct_h, ct_cs = vjp(ct)
-      ctx.order_token = None
-      tie = _zero_tie(ct_c)
-      ct_others = _add_tie(ct_others, tie)
-      new_h = [ct_h[j] if i in by_dense else
-               ctx.update(i, g + tie.astype(g.dtype), *h_in[j])
-               for j, (i, g) in enumerate(zip(h_ids, ct_w))]
+      ctx.wait_for = None
+      direct = [j for j, i in enumerate(h_ids) if i not in by_dense]
+      ct_others, grads = ordering.after(
+          (ct_others, [ct_w[j] for j in direct]), ct_c)
+      new_h = list(ct_h)
+      for j, g in zip(direct, grads):
+        new_h[j] = ctx.update(h_ids[j], g, *h_in[j])
       return ct_c, ct_others, new_h, ct_cs
 
     run.defvjp(run_fwd, run_bwd)
@@ -1311,18 +1301,18 @@ def make_layerwise_step(
     @jax.custom_vjp
     def run(x, stored, packed, key_data):
       del packed, key_data
-      return _matmul(x, ctx.value(i, stored, _zero_tie(x)), dtype)
+      return _matmul(x, ctx.values([i], [stored], after=x)[0], dtype)
 
     def run_fwd(x, stored, packed, key_data):
       return run(x, stored, packed, key_data), (x, stored, packed, key_data)
 
     def run_bwd(res, dy):
       x, stored, packed, key_data = res
-      if ctx.order_token is not None:
-        dy = dy + ctx.order_token.astype(dy.dtype)
-      w = ctx.value(i, stored, _zero_tie(dy))
+      if ctx.wait_for is not None:
+        dy = ordering.after(dy, ctx.wait_for)
+      w = ctx.values([i], [stored], after=dy)[0]
       (dx,) = jax.vjp(lambda x_: _matmul(x_, w, dtype), x)[1](dy)
-      dy = _add_tie(dy, _zero_tie(dx))
+      dy = ordering.after(dy, dx)
       w_aval = ctx.layout.unit_avals[i]
 
       def grad_rows(start, rows):
@@ -1340,10 +1330,10 @@ def make_layerwise_step(
       # What comes next waits for the update (so only this kernel's
       # gradient and update buffers are live): the input gradient, and in a
       # layer's backward pass the next dense product.
-      done = _zero_tie(new[0])
-      if ctx.order_token is not None:
-        ctx.order_token = done
-      return (_add_tie(dx, done), *new)
+      done = ordering.zero_after(new[0])
+      if ctx.wait_for is not None:
+        ctx.wait_for = done
+      return (ordering.after(dx, done), *new)
 
     run.defvjp(run_fwd, run_bwd)
     return run(x, stored, packed, key_data)
@@ -1373,12 +1363,12 @@ def make_layerwise_step(
       stored, packed, key_data, ids = res
       ct = ct.astype(dtype)
       width = ctx.layout.unit_avals[i].shape[1:]
-      tie = _zero_tie(ct).astype(dtype)
+      zero = ordering.zero_after(ct)
 
       def grad_rows(start, rows):
         inside = (ids >= start) & (ids < start + rows)
         local = jnp.where(inside, ids - start, rows)  # row `rows` is dropped
-        zeros = jnp.zeros((rows, *width), dtype) + tie
+        zeros = ordering.after(jnp.zeros((rows, *width), dtype), zero)
         return zeros.at[local].add(ct, mode="drop")
 
       new = ctx.update(i, grad_rows, stored, packed, key_data)
@@ -1394,20 +1384,20 @@ def make_layerwise_step(
       raise ValueError("scan_layers: every leaf of `layers` needs the same "
                        f"leading layer axis, got sizes {sizes}.")
     (num_layers,) = sizes
-    is_reg = [ctx.is_registered(x) for x in leaves]
+    found = [ctx.per_layer_index(x) for x in leaves]
+    is_reg = [i is not None for i in found]
     reg_ids = []
-    for x, r in zip(leaves, is_reg):
-      if r:
-        i = ctx.registry[id(x)][0]
+    for i in found:
+      if i is not None:
         if i in ctx.consumed:
           raise ValueError(f"per_layer leaf {layout.names[i]!r} goes through "
                            "scan_layers twice.")
         ctx.consumed.add(i)
         reg_ids.append(i)
-    reg_states = [ctx.registry[id(x)][2] for x, r in zip(leaves, is_reg) if r]
+    reg_states = [ctx.packed[i] for i in reg_ids]
     example = ldef.unflatten([x[0] for x in leaves])
     f_conv, consts = jax.closure_convert(f, carry, example)
-    if any(ctx.is_registered(c) for c in consts):
+    if any(ctx.per_layer_index(c) is not None for c in consts):
       raise ValueError("scan_layers: `f` closes over a per_layer stacked leaf; "
                        "it must only see its layer slice.")
 
@@ -1526,7 +1516,7 @@ def make_layerwise_step(
           h = x
         else:
           h = make_hook(i, ctx)(x, packed[i], key_data[i])
-        ctx.hooked[id(h)] = i  # `hooked` keeps h alive, so ids stay unique
+        ctx.hooked.append(h)
         hooked.append(h)
       with _activate(ctx):
         out = loss_fn(layout.treedef.unflatten(hooked), batch)
