@@ -267,7 +267,7 @@ class LayerwiseContext:
       return None
     return i
 
-  # -- values and updates --------------------------------------------------------
+  # -- values and updates ------------------------------------------------------
 
   def leaf_key(self, key_data: Any) -> jax.Array | None:
     """A typed PRNG key from a leaf's key data (None stays None)."""
@@ -329,7 +329,7 @@ class LayerwiseContext:
     self.reach_directly(i)
     return self.update(i, g, *res)
 
-  # -- call_layer ----------------------------------------------------------------
+  # -- call_layer --------------------------------------------------------------
 
   def layer_apply(self, call: LayerCall, c: Any, others: list[Any],
                   weights: list[Any], h_in: list[Any], cs: list[Any],
@@ -408,7 +408,7 @@ class LayerwiseContext:
       new_h[j] = self.update(call.leaf_ids[j], g, *h_in[j])
     return ct_c, ct_others, new_h, ct_cs
 
-  # -- dense -----------------------------------------------------------------------
+  # -- dense -------------------------------------------------------------------
 
   def dense_forward(self, i: int, dtype: Any, x: jax.Array,
                     stored: Any) -> jax.Array:
@@ -451,7 +451,7 @@ class LayerwiseContext:
       self.wait_for = done
     return (ordering.after(dx, done), *new)
 
-  # -- embedding_lookup ------------------------------------------------------------
+  # -- embedding_lookup --------------------------------------------------------
 
   def lookup_forward(self, i: int, stored: Any, ids: jax.Array) -> jax.Array:
     """``table[ids]``, reading (and dequantising) only those rows."""

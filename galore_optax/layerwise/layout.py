@@ -128,11 +128,15 @@ def galore_states(opt_state: Any) -> list[GaLoreState]:
 
 
 class LayoutCache:
-  """``Layout``s of the parameter trees a step has seen, built once each."""
+  """``Layout``s of the parameter trees a step has seen, built once each.
+
+  Args:
+    tx: the step's optimizer.
+    options: the step's options.
+  """
 
   def __init__(self, tx: optax.GradientTransformation,
                options: options_lib.StepOptions):
-    """Args: the step's optimizer and options."""
     self._tx = tx
     self._options = options
     self._layouts: dict[Any, Layout] = {}

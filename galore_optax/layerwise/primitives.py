@@ -23,7 +23,10 @@ from galore_optax.layerwise import context as context_lib
 from galore_optax.layerwise import scan
 from galore_optax.layerwise import trees
 
-# -- public primitives -----------------------------------------------------------
+Context = context_lib.LayerwiseContext
+LayerCall = context_lib.LayerCall
+
+# -- public primitives ---------------------------------------------------------
 
 
 def scan_layers(f: Callable[[Any, Any], Any], carry: Any, layers: Any) -> Any:
@@ -190,7 +193,7 @@ def dense(x: jax.Array, kernel: jax.Array, *,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def hook(ctx: context_lib.LayerwiseContext, i: int, stored: Any, packed: Any,
+def hook(ctx: Context, i: int, stored: Any, packed: Any,
          key_data: Any) -> Any:
   """Identity on leaf ``i`` (an int8 leaf comes out dequantised); its
   backward rule updates the leaf with the gradient it receives.
@@ -210,30 +213,35 @@ def hook(ctx: context_lib.LayerwiseContext, i: int, stored: Any, packed: Any,
   return ctx.values([i], [stored])[0]
 
 
-def _hook_fwd(ctx, i, stored, packed, key_data):
+def _hook_fwd(ctx: Context, i: int, stored: Any, packed: Any,
+              key_data: Any) -> tuple[Any, tuple[Any, ...]]:
   return hook(ctx, i, stored, packed, key_data), (stored, packed, key_data)
 
 
-def _hook_bwd(ctx, i, res, g):
+def _hook_bwd(ctx: Context, i: int, res: tuple[Any, ...],
+              g: jax.Array) -> tuple[Any, ...]:
   return ctx.hook_backward(i, res, g)
 
 
 hook.defvjp(_hook_fwd, _hook_bwd)
 
-# -- call_layer ------------------------------------------------------------------
+# -- call_layer ----------------------------------------------------------------
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ordered_layer(f, carry, params, *consts):
+def _ordered_layer(f: Callable[..., Any], carry: Any, params: Any,
+                   *consts: Any) -> Any:
   """A layer without step leaves, recomputed when its gradient arrives."""
   return f(carry, params, *consts)
 
 
-def _ordered_layer_fwd(f, carry, params, *consts):
+def _ordered_layer_fwd(f: Callable[..., Any], carry: Any, params: Any,
+                       *consts: Any) -> tuple[Any, tuple[Any, ...]]:
   return f(carry, params, *consts), (carry, params, consts)
 
 
-def _ordered_layer_bwd(f, res, ct):
+def _ordered_layer_bwd(f: Callable[..., Any], res: tuple[Any, ...],
+                       ct: Any) -> tuple[Any, ...]:
   carry, params, consts = res
   # The recomputation starts from an input that waits for the output
   # cotangent: XLA would otherwise schedule every layer's recomputation
@@ -249,60 +257,73 @@ _ordered_layer.defvjp(_ordered_layer_fwd, _ordered_layer_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _layer_update(ctx, call, c, others, h_in, cs):
+def _layer_update(ctx: Context, call: LayerCall,
+                  c: Any, others: list[Any], h_in: list[Any],
+                  cs: list[Any]) -> Any:
   """A layer with step leaves (``context.LayerwiseContext.layer_*``)."""
   return ctx.layer_forward(call, c, others, h_in, cs)
 
 
-def _layer_update_fwd(ctx, call, c, others, h_in, cs):
+def _layer_update_fwd(ctx: Context, call: LayerCall,
+                      c: Any, others: list[Any], h_in: list[Any],
+                      cs: list[Any]) -> tuple[Any, tuple[Any, ...]]:
   ctx.check_layer(call, c, others, h_in, cs)
   return _layer_update(ctx, call, c, others, h_in, cs), (c, others, h_in, cs)
 
 
-def _layer_update_bwd(ctx, call, res, ct):
+def _layer_update_bwd(ctx: Context, call: LayerCall,
+                      res: tuple[Any, ...], ct: Any) -> tuple[Any, ...]:
   return ctx.layer_backward(call, res, ct)
 
 
 _layer_update.defvjp(_layer_update_fwd, _layer_update_bwd)
 
-# -- dense -------------------------------------------------------------------------
+# -- dense ---------------------------------------------------------------------
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _dense_update(ctx, i, dtype, x, stored, packed, key_data):
+def _dense_update(ctx: Context, i: int, dtype: Any, x: jax.Array,
+                  stored: Any, packed: Any, key_data: Any) -> jax.Array:
   """``x @ kernel`` whose backward rule updates the kernel (leaf ``i``)."""
   del packed, key_data
   return ctx.dense_forward(i, dtype, x, stored)
 
 
-def _dense_update_fwd(ctx, i, dtype, x, stored, packed, key_data):
+def _dense_update_fwd(ctx: Context, i: int, dtype: Any,
+                      x: jax.Array, stored: Any, packed: Any,
+                      key_data: Any) -> tuple[jax.Array, tuple[Any, ...]]:
   return (_dense_update(ctx, i, dtype, x, stored, packed, key_data),
           (x, stored, packed, key_data))
 
 
-def _dense_update_bwd(ctx, i, dtype, res, dy):
+def _dense_update_bwd(ctx: Context, i: int, dtype: Any,
+                      res: tuple[Any, ...], dy: jax.Array) -> tuple[Any, ...]:
   return ctx.dense_backward(i, dtype, res, dy)
 
 
 _dense_update.defvjp(_dense_update_fwd, _dense_update_bwd)
 
-# -- embedding_lookup ----------------------------------------------------------------
+# -- embedding_lookup ----------------------------------------------------------
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _lookup_update(ctx, i, stored, packed, key_data, ids):
+def _lookup_update(ctx: Context, i: int, stored: Any, packed: Any,
+                   key_data: Any, ids: jax.Array) -> jax.Array:
   """``table[ids]`` of an int8 or row-chunked table (leaf ``i``), updated
   by its backward rule."""
   del packed, key_data
   return ctx.lookup_forward(i, stored, ids)
 
 
-def _lookup_update_fwd(ctx, i, stored, packed, key_data, ids):
+def _lookup_update_fwd(ctx: Context, i: int, stored: Any,
+                       packed: Any, key_data: Any, ids: jax.Array
+                       ) -> tuple[jax.Array, tuple[Any, ...]]:
   return (_lookup_update(ctx, i, stored, packed, key_data, ids),
           (stored, packed, key_data, ids))
 
 
-def _lookup_update_bwd(ctx, i, res, ct):
+def _lookup_update_bwd(ctx: Context, i: int, res: tuple[Any, ...],
+                       ct: jax.Array) -> tuple[Any, ...]:
   return ctx.lookup_backward(i, res, ct)
 
 
@@ -310,18 +331,22 @@ _lookup_update.defvjp(_lookup_update_fwd, _lookup_update_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _late_take(shape_dtype, table, ids):
+def _late_take(shape_dtype: tuple[tuple[int, ...], Any], table: jax.Array,
+               ids: jax.Array) -> jax.Array:
   """``jnp.take`` whose gradient's zero table waits for the gradient."""
   del shape_dtype
   return jnp.take(table, ids, axis=0)
 
 
-def _late_take_fwd(shape_dtype, table, ids):
+def _late_take_fwd(shape_dtype: tuple[tuple[int, ...], Any],
+                   table: jax.Array,
+                   ids: jax.Array) -> tuple[jax.Array, jax.Array]:
   del shape_dtype
   return jnp.take(table, ids, axis=0), ids
 
 
-def _late_take_bwd(shape_dtype, ids, ct):
+def _late_take_bwd(shape_dtype: tuple[tuple[int, ...], Any], ids: jax.Array,
+                   ct: jax.Array) -> tuple[jax.Array, Any]:
   shape, dtype = shape_dtype
   zeros = ordering.after(jnp.zeros(shape, dtype), ct)
   return zeros.at[ids].add(ct.astype(dtype)), trees.float0_like(ids)

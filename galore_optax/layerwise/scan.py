@@ -98,18 +98,23 @@ def scan_layerwise(ctx: Any, f: Callable[[Any, Any], Any], carry: Any,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _scan_update(ctx, call, reg_p, reg_s, oth_p, carry, cs):
+def _scan_update(ctx: Any, call: ScanCall, reg_p: list[Any], reg_s: list[Any],
+                 oth_p: list[Any], carry: Any, cs: list[Any]) -> Any:
+  """The scan, whose backward rule (``backward``) updates the stacks."""
   del ctx, reg_s
   return call.forward(reg_p, oth_p, carry, cs, False)[0]
 
 
-def _scan_update_fwd(ctx, call, reg_p, reg_s, oth_p, carry, cs):
+def _scan_update_fwd(ctx: Any, call: ScanCall, reg_p: list[Any],
+                     reg_s: list[Any], oth_p: list[Any], carry: Any,
+                     cs: list[Any]) -> tuple[Any, tuple[Any, ...]]:
   del ctx
   out, saved = call.forward(reg_p, oth_p, carry, cs, True)
   return out, (reg_p, reg_s, oth_p, saved, cs)
 
 
-def _scan_update_bwd(ctx, call, res, ct_out):
+def _scan_update_bwd(ctx: Any, call: ScanCall, res: tuple[Any, ...],
+                     ct_out: Any) -> tuple[Any, ...]:
   return backward(ctx, call, res, ct_out)
 
 

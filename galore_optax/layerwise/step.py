@@ -72,9 +72,10 @@ def make_layerwise_step(
 ) -> LayerwiseStep:
   """Builds a train step whose updates happen inside the backward pass.
 
-  See the module docstring for the mechanism, what is supported and the
-  exact semantics of clipping and accumulation. Without clipping and
-  accumulation the new parameters equal those of the ordinary step
+  See ``galore_optax.layerwise``'s docstring for the mechanism, what is
+  supported and the exact semantics of clipping and accumulation. Without
+  clipping and accumulation the new parameters equal those of the ordinary
+  step
   ``g = grad(loss)(params); u, s = tx.update(g, s, params);
   params = optax.apply_updates(params, u)`` to float32 rounding.
 
