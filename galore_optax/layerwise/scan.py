@@ -19,7 +19,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from galore_optax.layerwise import context as context_lib
 from galore_optax.layerwise import trees
+
+Context = context_lib.LayerwiseContext
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -57,12 +60,12 @@ class ScanCall:
                         trees.interleave(self.registered, reg_p, oth_p))
 
 
-def scan_layerwise(ctx: Any, f: Callable[[Any, Any], Any], carry: Any,
+def scan_layerwise(ctx: Context, f: Callable[[Any, Any], Any], carry: Any,
                    leaves: list[Any], ldef: Any) -> Any:
   """``scan_layers`` over a stack holding ``per_layer`` leaves of ``ctx``.
 
   Args:
-    ctx: the step's ``context.LayerwiseContext``.
+    ctx: the step's context.
     f: ``(carry, layer) -> carry``.
     carry: the initial carry.
     leaves: the flattened stacked layers.
@@ -98,14 +101,15 @@ def scan_layerwise(ctx: Any, f: Callable[[Any, Any], Any], carry: Any,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _scan_update(ctx: Any, call: ScanCall, reg_p: list[Any], reg_s: list[Any],
-                 oth_p: list[Any], carry: Any, cs: list[Any]) -> Any:
+def _scan_update(ctx: Context, call: ScanCall, reg_p: list[Any],
+                 reg_s: list[Any], oth_p: list[Any], carry: Any,
+                 cs: list[Any]) -> Any:
   """The scan, whose backward rule (``backward``) updates the stacks."""
   del ctx, reg_s
   return call.forward(reg_p, oth_p, carry, cs, False)[0]
 
 
-def _scan_update_fwd(ctx: Any, call: ScanCall, reg_p: list[Any],
+def _scan_update_fwd(ctx: Context, call: ScanCall, reg_p: list[Any],
                      reg_s: list[Any], oth_p: list[Any], carry: Any,
                      cs: list[Any]) -> tuple[Any, tuple[Any, ...]]:
   del ctx
@@ -113,7 +117,7 @@ def _scan_update_fwd(ctx: Any, call: ScanCall, reg_p: list[Any],
   return out, (reg_p, reg_s, oth_p, saved, cs)
 
 
-def _scan_update_bwd(ctx: Any, call: ScanCall, res: tuple[Any, ...],
+def _scan_update_bwd(ctx: Context, call: ScanCall, res: tuple[Any, ...],
                      ct_out: Any) -> tuple[Any, ...]:
   return backward(ctx, call, res, ct_out)
 
@@ -121,12 +125,12 @@ def _scan_update_bwd(ctx: Any, call: ScanCall, res: tuple[Any, ...],
 _scan_update.defvjp(_scan_update_fwd, _scan_update_bwd)
 
 
-def backward(ctx: Any, call: ScanCall, res: tuple[Any, ...],
+def backward(ctx: Context, call: ScanCall, res: tuple[Any, ...],
              ct_out: Any) -> tuple[Any, ...]:
   """The reverse loop: recompute, differentiate and update each layer.
 
   Args:
-    ctx: the step's ``context.LayerwiseContext``.
+    ctx: the step's context.
     call: the scan.
     res: the forward pass's residuals (``per_layer`` stacks and their
       packed states, the other stacked leaves, each layer's input, the
