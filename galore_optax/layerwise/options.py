@@ -1,0 +1,98 @@
+"""The per-layer step's options, checked once when the step is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from galore_optax import targets
+from galore_optax._checks import check_positive_int
+
+PerLayerSpec = Union[None, str, Sequence[str], Callable[[str], bool]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """What ``make_layerwise_step``'s keyword arguments ask for.
+
+  Attributes:
+    clip_norm: the largest Frobenius norm of a leaf's gradient, or None.
+    accumulate_steps: micro-batches per update (1: none).
+    accumulate_dtype: dtype of the gradient accumulators.
+    weight_dtype: dtype that int8 leaves are dequantised to.
+    per_layer: the ``per_layer`` argument as given (for messages).
+    is_per_layer: whether a leaf name is a ``per_layer`` stacked leaf.
+    chunk_rules: ``(matcher, k)`` pairs from ``row_chunks``, in order.
+  """
+
+  clip_norm: float | None
+  accumulate_steps: int
+  accumulate_dtype: np.dtype
+  weight_dtype: np.dtype
+  per_layer: PerLayerSpec
+  is_per_layer: Callable[[str], bool]
+  chunk_rules: tuple[tuple[Callable[[str], bool], int], ...]
+
+  def row_chunks(self, name: str) -> int:
+    """How many blocks of rows leaf ``name`` is updated in (1: whole).
+
+    Args:
+      name: a leaf's dotted name.
+
+    Returns:
+      The ``k`` of the first ``row_chunks`` entry that matches, else 1.
+    """
+    return next((k for match, k in self.chunk_rules if match(name)), 1)
+
+
+def make_options(
+    *,
+    clip_norm: float | None,
+    accumulate_steps: int,
+    accumulate_dtype: Any,
+    per_layer: PerLayerSpec,
+    row_chunks: Mapping[str, int] | None,
+    weight_dtype: Any,
+) -> StepOptions:
+  """Checks ``make_layerwise_step``'s options (see its docstring).
+
+  Args:
+    clip_norm: a positive number or None.
+    accumulate_steps: a positive int.
+    accumulate_dtype: any dtype.
+    per_layer: None, a regex, a list of names/substrings/regexes, or a
+      predicate on names.
+    row_chunks: ``{name: k}`` with positive ints ``k``, or None.
+    weight_dtype: a floating dtype.
+
+  Returns:
+    The options.
+
+  Raises:
+    ValueError: for invalid values.
+  """
+  k = check_positive_int("accumulate_steps", accumulate_steps)
+  if clip_norm is not None and not (np.isscalar(clip_norm) and clip_norm > 0):
+    raise ValueError(f"clip_norm must be a positive number or None, got "
+                     f"{clip_norm!r}.")
+  chunk_rules = []
+  for key, value in (row_chunks or {}).items():
+    chunk_rules.append((targets.make_matcher([key]),
+                        check_positive_int(f"row_chunks[{key!r}]", value)))
+  if per_layer is None:
+    is_per_layer = lambda name: False
+  elif callable(per_layer):
+    is_per_layer = per_layer
+  else:
+    is_per_layer = targets.make_matcher(per_layer)
+  accumulate_dtype = jnp.dtype(accumulate_dtype)
+  weight_dtype = jnp.dtype(weight_dtype)
+  if not jnp.issubdtype(weight_dtype, jnp.floating):
+    raise ValueError(f"weight_dtype must be a floating dtype, got "
+                     f"{weight_dtype}.")
+  return StepOptions(clip_norm, k, accumulate_dtype, weight_dtype,
+                     per_layer, is_per_layer, tuple(chunk_rules))

@@ -1,0 +1,198 @@
+"""``scan_layers`` inside a step: one layer's gradient at a time.
+
+The forward pass is a ``lax.scan`` over the layers that saves each layer's
+input. The backward pass is a reverse loop that recomputes layer ``l`` from
+its saved input, takes its gradient and updates layer ``l``'s slices of the
+``per_layer`` leaves and of their packed states in place (the loop carries
+the whole stacks), so only one layer's gradient exists at a time. Gradients
+of the other inputs (leaves not in ``per_layer``, arrays ``f`` closes over)
+are accumulated over the layers as in an ordinary scan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from galore_optax.layerwise import context as context_lib
+from galore_optax.layerwise import trees
+
+Context = context_lib.LayerwiseContext
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScanCall:
+  """One ``scan_layers`` call inside a step.
+
+  Attributes:
+    fn: ``(carry, layer, *consts) -> carry`` (``f`` closure-converted).
+    treedef: the structure of one layer.
+    registered: per leaf of ``layers``, whether it is a ``per_layer`` leaf.
+    leaf_ids: the step's leaf index of each of those.
+    num_layers: the length of the layer axis.
+  """
+
+  fn: Callable[..., Any]
+  treedef: Any
+  registered: tuple[bool, ...]
+  leaf_ids: tuple[int, ...]
+  num_layers: int
+
+  def apply_layer(self, c: Any, layer_leaves: list[Any],
+                  consts: list[Any]) -> Any:
+    """One layer: ``fn`` on the carry and one layer's leaves."""
+    return self.fn(c, self.treedef.unflatten(layer_leaves), *consts)
+
+  def forward(self, reg_p: list[Any], oth_p: list[Any], carry: Any,
+              consts: list[Any], save: bool) -> tuple[Any, Any]:
+    """The scan over the layers: (final carry, each layer's input or
+    None)."""
+
+    def body(c, sl):
+      return self.apply_layer(c, sl, consts), (c if save else None)
+
+    return jax.lax.scan(body, carry,
+                        trees.interleave(self.registered, reg_p, oth_p))
+
+
+def scan_layerwise(ctx: Context, f: Callable[[Any, Any], Any], carry: Any,
+                   leaves: list[Any], ldef: Any) -> Any:
+  """``scan_layers`` over a stack holding ``per_layer`` leaves of ``ctx``.
+
+  Args:
+    ctx: the step's context.
+    f: ``(carry, layer) -> carry``.
+    carry: the initial carry.
+    leaves: the flattened stacked layers.
+    ldef: their structure.
+
+  Returns:
+    The final carry; the backward pass updates the ``per_layer`` leaves.
+
+  Raises:
+    ValueError: for leaves without a common layer axis, a leaf scanned
+      twice, or ``f`` closing over a ``per_layer`` leaf.
+  """
+  sizes = {x.shape[0] if x.ndim else None for x in leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError("scan_layers: every leaf of `layers` needs the same "
+                     f"leading layer axis, got sizes {sizes}.")
+  (num_layers,) = sizes
+  found = [ctx.per_layer_index(x) for x in leaves]
+  registered = tuple(i is not None for i in found)
+  leaf_ids = tuple(i for i in found if i is not None)
+  for i in leaf_ids:
+    ctx.consume_per_layer(i)
+  reg_states = [ctx.packed[i] for i in leaf_ids]
+  example = ldef.unflatten([x[0] for x in leaves])
+  f_conv, consts = jax.closure_convert(f, carry, example)
+  if any(ctx.per_layer_index(c) is not None for c in consts):
+    raise ValueError("scan_layers: `f` closes over a per_layer stacked leaf; "
+                     "it must only see its layer slice.")
+  call = ScanCall(f_conv, ldef, registered, leaf_ids, num_layers)
+  return _scan_update(ctx, call, trees.select(leaves, registered), reg_states,
+                      trees.select(leaves, [not r for r in registered]),
+                      carry, list(consts))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan_update(ctx: Context, call: ScanCall, reg_p: list[Any],
+                 reg_s: list[Any], oth_p: list[Any], carry: Any,
+                 cs: list[Any]) -> Any:
+  """The scan, whose backward rule (``backward``) updates the stacks."""
+  del ctx, reg_s
+  return call.forward(reg_p, oth_p, carry, cs, False)[0]
+
+
+def _scan_update_fwd(ctx: Context, call: ScanCall, reg_p: list[Any],
+                     reg_s: list[Any], oth_p: list[Any], carry: Any,
+                     cs: list[Any]) -> tuple[Any, tuple[Any, ...]]:
+  del ctx
+  out, saved = call.forward(reg_p, oth_p, carry, cs, True)
+  return out, (reg_p, reg_s, oth_p, saved, cs)
+
+
+def _scan_update_bwd(ctx: Context, call: ScanCall, res: tuple[Any, ...],
+                     ct_out: Any) -> tuple[Any, ...]:
+  return backward(ctx, call, res, ct_out)
+
+
+_scan_update.defvjp(_scan_update_fwd, _scan_update_bwd)
+
+
+def backward(ctx: Context, call: ScanCall, res: tuple[Any, ...],
+             ct_out: Any) -> tuple[Any, ...]:
+  """The reverse loop: recompute, differentiate and update each layer.
+
+  Args:
+    ctx: the step's context.
+    call: the scan.
+    res: the forward pass's residuals (``per_layer`` stacks and their
+      packed states, the other stacked leaves, each layer's input, the
+      consts).
+    ct_out: the final carry's cotangent.
+
+  Returns:
+    Cotangents of ``(reg_p, reg_s, oth_p, carry, cs)``: the new stacks and
+    states, then the ordinary gradients.
+  """
+  reg_p, reg_s, oth_p, saved, cs = res
+  for i in call.leaf_ids:
+    ctx.reached.add(i)
+  c_leaves0, cdef = jax.tree.flatten(saved)
+  c_float = [trees.is_float(x) for x in c_leaves0]
+  k_float = [trees.is_float(jnp.asarray(x)) for x in cs]
+  o_float = [trees.is_float(x) for x in oth_p]
+  ct_c = trees.select(jax.tree.leaves(ct_out), c_float)
+
+  def body(step, loop):
+    reg_p, reg_s, ct_oth, ct_c, ct_k = loop
+    l = call.num_layers - 1 - step
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, l, 0, keepdims=False)
+    put = lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v, l, 0)
+    c_l = [take(x) for x in c_leaves0]
+    sl = [take(x) for x in trees.interleave(call.registered, reg_p, oth_p)]
+    sl_float = [trees.is_float(x) for x in sl]
+
+    def layer(cf, sf, kf):
+      c = cdef.unflatten(trees.merge(c_l, c_float, cf))
+      out = call.apply_layer(c, trees.merge(sl, sl_float, sf),
+                             trees.merge(list(cs), k_float, kf))
+      return trees.select(jax.tree.leaves(out), c_float)
+
+    _, vjp = jax.vjp(layer, trees.select(c_l, c_float),
+                     trees.select(sl, sl_float),
+                     trees.select(list(cs), k_float))
+    ct_c, g_sl, g_k = vjp(ct_c)
+    g_all = trees.merge([None] * len(sl), sl_float, g_sl)
+    new_reg_p, new_reg_s = [], []
+    reg_slices = trees.select(sl, call.registered)
+    reg_grads = trees.select(g_all, call.registered)
+    for i, p_l, g_l, s in zip(call.leaf_ids, reg_slices, reg_grads, reg_s):
+      s_l = jax.tree.map(take, s)
+      new_p_l, new_s_l = ctx.updater.update_packed(i, g_l, p_l, s_l)
+      new_reg_p.append(put(reg_p[len(new_reg_p)], new_p_l))
+      new_reg_s.append(jax.tree.map(put, s, new_s_l))
+    oth_grads = trees.select(
+        trees.select(g_all, [not r for r in call.registered]), o_float)
+    ct_oth = [put(a, g.astype(a.dtype)) for a, g in zip(ct_oth, oth_grads)]
+    ct_k = [a + g for a, g in zip(ct_k, g_k)]
+    return new_reg_p, new_reg_s, ct_oth, ct_c, ct_k
+
+  loop = (list(reg_p), list(reg_s),
+          [jnp.zeros_like(x) for x in trees.select(oth_p, o_float)], ct_c,
+          [jnp.zeros_like(x) for x in trees.select(list(cs), k_float)])
+  reg_p, reg_s, ct_oth, ct_c, ct_k = jax.lax.fori_loop(
+      0, call.num_layers, body, loop)
+  ct_oth_all = trees.merge([trees.float0_like(x) for x in oth_p], o_float,
+                           ct_oth)
+  ct_carry = cdef.unflatten(
+      trees.merge([trees.float0_like(x[0]) for x in c_leaves0], c_float,
+                  ct_c))
+  ct_cs = trees.merge([trees.float0_like(x) for x in cs], k_float, ct_k)
+  return reg_p, reg_s, ct_oth_all, ct_carry, ct_cs
