@@ -82,76 +82,49 @@ def user_errors(parser: argparse.ArgumentParser,
     parser.error(str(e))
 
 
-def _number(text: str, convert: Callable[[str], float],
-            accept: Callable[[float], bool], requirement: str) -> int | float:
-  try:
-    value = convert(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"must be {requirement}, got {text!r}") from None
-  if not (math.isfinite(value) and accept(value)):
-    raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
-  return value
-
-
-def positive_int(text: str) -> int:
-  """``type=`` for an integer >= 1.
+def number_type(convert: Callable[[str], float],
+                accept: Callable[[float], bool],
+                requirement: str) -> Callable[[str], float]:
+  """An argparse ``type=`` for a finite number that ``accept`` allows.
 
   Args:
-    text: the command-line value.
+    convert: ``int`` or ``float``.
+    accept: the check on the converted value.
+    requirement: what is required, for the message (``"a positive
+      integer"``).
 
   Returns:
-    The integer.
+    A function from the command-line text to the number that raises
+    ``argparse.ArgumentTypeError`` ("must be <requirement>, got '<text>'").
   """
-  return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+  def parse(text: str) -> float:
+    """Converts and checks one command-line value.
+
+    Args:
+      text: the command-line value.
+
+    Returns:
+      The number.
+    """
+    try:
+      value = convert(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"must be {requirement}, got {text!r}") from None
+    if not (math.isfinite(value) and accept(value)):
+      raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+    return value
+
+  return parse
 
 
-def non_negative_int(text: str) -> int:
-  """``type=`` for an integer >= 0.
-
-  Args:
-    text: the command-line value.
-
-  Returns:
-    The integer.
-  """
-  return _number(text, int, lambda v: v >= 0, "an integer >= 0")
-
-
-def positive_float(text: str) -> float:
-  """``type=`` for a finite number > 0.
-
-  Args:
-    text: the command-line value.
-
-  Returns:
-    The number.
-  """
-  return _number(text, float, lambda v: v > 0, "a positive number")
-
-
-def non_negative_float(text: str) -> float:
-  """``type=`` for a finite number >= 0.
-
-  Args:
-    text: the command-line value.
-
-  Returns:
-    The number.
-  """
-  return _number(text, float, lambda v: v >= 0, "a number >= 0")
-
-
-def unit_interval(text: str) -> float:
-  """``type=`` for a number in ``[0, 1]``.
-
-  Args:
-    text: the command-line value.
-
-  Returns:
-    The number.
-  """
-  return _number(text, float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = number_type(float, lambda v: v > 0, "a positive number")
+non_negative_float = number_type(float, lambda v: v >= 0, "a number >= 0")
+unit_interval = number_type(float, lambda v: 0 <= v <= 1,
+                            "a number in [0, 1]")
 
 
 def comma_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
