@@ -1,0 +1,114 @@
+"""Sphinx configuration of the galore-optax documentation.
+
+Build (offline, warnings are errors, as ``tests/test_docs.py`` does)::
+
+    sphinx-build -W --keep-going -b html docs docs/_build/html
+"""
+
+import pathlib
+import re
+import sys
+
+DOCS = pathlib.Path(__file__).resolve().parent
+# The checkout's own package, not an installed copy.
+sys.path[:0] = [str(DOCS.parent), str(DOCS)]
+
+from sphinx.util import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import api_pages  # pylint: disable=g-import-not-at-top,wrong-import-position
+import galore_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+project = "galore-optax"
+author = "the galore-optax authors"
+copyright = "the galore-optax authors"  # pylint: disable=redefined-builtin
+release = galore_optax.__version__
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+exclude_patterns = ["_build", "**/.ipynb_checkpoints"]
+
+# MyST: ``{include}``, ``{code-block}`` and friends as ```{...} fences;
+# ``$``-free prose, so no dollarmath. Headings get anchors for #links.
+myst_enable_extensions = ["colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+# Google-style docstrings. "Attributes:" of the NamedTuple states become a
+# field list (``:ivar:``) rather than attribute entries, which would clash
+# with the fields that autodoc itself lists.
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_ivar = True
+napoleon_use_rtype = False
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_preserve_defaults = True
+
+html_theme = "sphinx_book_theme"
+html_title = "galore-optax"
+html_theme_options = {
+    "show_toc_level": 2,
+    "home_page_in_toc": True,
+    "use_download_button": False,
+    "use_fullscreen_button": False,
+}
+html_static_path = []
+
+logger = logging.getLogger(__name__)
+html_show_sourcelink = False
+
+
+def _skip_namedtuple_fields(app, what, name, obj, skip, options):
+  """Hides ``Alias for field number N``: the class docstring lists fields."""
+  del app, what, name, options
+  doc = getattr(obj, "__doc__", None) or ""
+  return True if doc.startswith("Alias for field number") else skip
+
+
+# Library docstrings that write a plural right after an inline literal
+# (``jax.ShapeDtypeStruct``s), which reStructuredText reads as an unclosed
+# literal. Until their docstrings are fixed, the build inserts the escaped
+# space (``x``\\ s) that renders them as meant. Strict: a listed docstring
+# that no longer needs it is a build error, so delete its entry with the fix.
+PLURAL_LITERAL_DOCSTRINGS = frozenset({
+    "galore_optax.memory",
+    "galore_optax.memory.optimizer_state_bytes",
+    "galore_optax.targets.target_mask",
+})
+_LITERAL = re.compile(r"``[^`]+``")
+
+
+def _object_name(obj):
+  if hasattr(obj, "__qualname__") and hasattr(obj, "__module__"):
+    return f"{obj.__module__}.{obj.__qualname__}"
+  return getattr(obj, "__name__", "")
+
+
+def _escape_plural_literals(app, what, name, obj, options, lines):
+  """Separates a literal from a letter that follows it, in listed objects."""
+  del app, what, options
+  key = _object_name(obj)
+  if key not in PLURAL_LITERAL_DOCSTRINGS:
+    return
+  text = "\n".join(lines)
+  pieces, last = [], 0
+  for match in _LITERAL.finditer(text):
+    glued = match.end() < len(text) and text[match.end()].isalnum()
+    pieces.append(text[last:match.end()] + ("\\ " if glued else ""))
+    last = match.end()
+  fixed = "".join(pieces) + text[last:]
+  if fixed == text:
+    logger.warning(
+        "%s (%s) no longer glues a letter to an inline literal: remove it "
+        "from PLURAL_LITERAL_DOCSTRINGS in docs/conf.py.", key, name)
+  lines[:] = fixed.split("\n")
+
+
+def setup(app):
+  api_pages.write_api_pages(DOCS / "api")
+  app.connect("autodoc-skip-member", _skip_namedtuple_fields)
+  app.connect("autodoc-process-docstring", _escape_plural_literals)
