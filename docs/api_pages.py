@@ -72,11 +72,11 @@ def summary(obj: Any) -> str:
     obj: any object.
 
   Returns:
-    The summary line, or ``""`` for objects without a docstring of their
-    own (data such as tuples of names).
+    The summary line; for data without a docstring of its own (tuples of
+    names), its value as a literal.
   """
   if not isinstance(obj, (types.ModuleType, type)) and not callable(obj):
-    return ""
+    return f"``{obj!r}``"
   doc = inspect.getdoc(obj) or ""
   return " ".join(doc.split("\n\n", 1)[0].split())
 

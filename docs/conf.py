@@ -46,7 +46,18 @@ napoleon_use_ivar = True
 napoleon_use_rtype = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-autodoc_preserve_defaults = True
+# Show long type aliases by name, not expanded (optax.ScalarOrSchedule would
+# otherwise fill five lines of every signature).
+autodoc_type_aliases = {
+    alias: alias for alias in (
+        "optax.ScalarOrSchedule", "optax.Params", "optax.Updates",
+        "optax.OptState", "DTypeLike", "KeyPath")
+} | {
+    "TargetModules": "galore_optax.targets.TargetModules",
+    "targets.TargetModules": "galore_optax.targets.TargetModules",
+    "MatrixAxes": "galore_optax.transform.MatrixAxes",
+    "PerLayerSpec": "galore_optax.layerwise.PerLayerSpec",
+}
 
 html_theme = "sphinx_book_theme"
 html_title = "galore-optax"
@@ -67,6 +78,20 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
   del app, what, name, options
   doc = getattr(obj, "__doc__", None) or ""
   return True if doc.startswith("Alias for field number") else skip
+
+
+_ALIAS_REPR = re.compile(r"TypeAliasForwardRef\('([^']+)'\)")
+
+
+def _unwrap_alias_reprs(app, what, name, obj, options, signature,
+                        return_annotation):
+  """Writes an alias used inside ``X | None`` or ``Callable[[X], ...]`` as X.
+
+  Sphinx renders such aliases as ``TypeAliasForwardRef('X')``.
+  """
+  del app, what, name, obj, options
+  unwrap = lambda text: text and _ALIAS_REPR.sub(r"\1", text)
+  return unwrap(signature), unwrap(return_annotation)
 
 
 # Library docstrings that write a plural right after an inline literal
@@ -112,3 +137,4 @@ def setup(app):
   api_pages.write_api_pages(DOCS / "api")
   app.connect("autodoc-skip-member", _skip_namedtuple_fields)
   app.connect("autodoc-process-docstring", _escape_plural_literals)
+  app.connect("autodoc-process-signature", _unwrap_alias_reprs)

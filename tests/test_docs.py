@@ -122,6 +122,25 @@ def test_every_guide_has_code():
     assert python_blocks(guide), f"{guide.name} has no runnable python block"
 
 
+# Longer code lines scroll sideways in the book theme's column.
+MAX_CODE_LINE = 79
+
+
+def test_code_lines_fit_the_page():
+  too_long = []
+  for page in sorted(DOCS.rglob("*.md")):
+    if "_build" in page.parts:
+      continue
+    tokens = markdown_it.MarkdownIt("commonmark").parse(page.read_text())
+    for token in tokens:
+      if token.type != "fence" or token.info.strip().startswith("{figure}"):
+        continue
+      for i, line in enumerate(token.content.splitlines()):
+        if len(line) > MAX_CODE_LINE:
+          too_long.append(f"{page.relative_to(ROOT)}:{token.map[0] + 2 + i}")
+  assert not too_long, f"code lines over {MAX_CODE_LINE} characters: {too_long}"
+
+
 @pytest.mark.parametrize("guide", [g.name for g in GUIDES
                                    if g.name not in MULTI_DEVICE_GUIDES])
 def test_guide_code_runs(guide):
