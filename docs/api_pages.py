@@ -166,7 +166,7 @@ def module_page(module: types.ModuleType) -> str:
     rows = "".join(
         f"   * - :obj:`{PACKAGE}.{top[id(getattr(module, n))]}`\n"
         f"     - {summary(getattr(module, n)) or '..'}\n" for n in exported)
-    parts.append(".. rubric:: Exported as ``galore_optax.<name>``\n\n"
+    parts.append(".. rubric:: Also exported at the top level\n\n"
                  ".. list-table::\n   :widths: 30 70\n\n" + rows)
   if own:
     parts.append(f".. currentmodule:: {module.__name__}\n")
@@ -189,18 +189,25 @@ def index_page(names: list[str], modules: list[types.ModuleType]) -> str:
   Returns:
     reStructuredText.
   """
-  name_rows = [(f":obj:`{PACKAGE}.{n}`", summary(getattr(galore_optax, n)))
-               for n in names]
+  kinds = {"function": "Functions", "class": "Classes",
+           "data": "Constants"}
+  sections = []
+  for kind, heading in kinds.items():
+    rows = [(f":obj:`{PACKAGE}.{n}`", summary(getattr(galore_optax, n)))
+            for n in names if _kind(getattr(galore_optax, n)) == kind]
+    if rows:
+      sections += [_title(heading).replace("=", "-"), _table(rows)]
   module_rows = [(f":mod:`{m.__name__}`", summary(m)) for m in modules]
   toctree = lambda caption, pages: (
       f".. toctree::\n   :hidden:\n   :caption: {caption}\n\n"
       + "".join(f"   {p}\n" for p in pages))
   return "\n".join([
       _title("API reference"),
-      f".. automodule:: {PACKAGE}\n   :no-members:\n",
-      "Everything below is importable as ``galore_optax.<name>``; the "
-      "submodules hold the building blocks.\n",
-      "Top-level names\n---------------\n", _table(name_rows),
+      f".. py:module:: {PACKAGE}\n",
+      "Everything in the first three tables is importable as "
+      "``galore_optax.<name>``; the submodules hold the building blocks "
+      "and the rest of the public API.\n",
+      *sections,
       "Submodules\n----------\n", _table(module_rows),
       toctree("Top-level names", [f"{PACKAGE}.{n}" for n in names]),
       toctree("Submodules", [m.__name__ for m in modules]),
@@ -222,9 +229,11 @@ def write_api_pages(out_dir: pathlib.Path) -> list[str]:
     The page names written (without suffix), index included.
   """
   out_dir.mkdir(parents=True, exist_ok=True)
+  kind_order = {"function": 0, "class": 1, "data": 2}
   names = sorted((n for n in galore_optax.__all__
                   if not inspect.ismodule(getattr(galore_optax, n))),
-                 key=str.lower)
+                 key=lambda n: (kind_order[_kind(getattr(galore_optax, n))],
+                                n.lower()))
   modules = public_submodules()
   pages = {"index": index_page(names, modules)}
   pages.update({f"{PACKAGE}.{n}": name_page(n) for n in names})

@@ -18,6 +18,8 @@ from sphinx.util import logging  # pylint: disable=g-import-not-at-top,wrong-imp
 import api_pages  # pylint: disable=g-import-not-at-top,wrong-import-position
 import galore_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+logger = logging.getLogger(__name__)
+
 project = "galore-optax"
 author = "the galore-optax authors"
 copyright = "the galore-optax authors"  # pylint: disable=redefined-builtin
@@ -32,9 +34,7 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build", "**/.ipynb_checkpoints"]
 
-# MyST: ``{include}``, ``{code-block}`` and friends as ```{...} fences;
-# ``$``-free prose, so no dollarmath. Headings get anchors for #links.
-myst_enable_extensions = ["colon_fence", "deflist"]
+# MyST: directives as ```{name} fences; headings get anchors for #links.
 myst_heading_anchors = 3
 
 # Google-style docstrings. "Attributes:" of the NamedTuple states become a
@@ -59,6 +59,20 @@ autodoc_type_aliases = {
     "PerLayerSpec": "galore_optax.layerwise.PerLayerSpec",
 }
 
+# Every cross-reference must resolve (the guides link to the API pages), except
+# types of other packages, which have no pages here (offline: no intersphinx),
+# and type aliases, which are not documented objects.
+nitpicky = True
+nitpick_ignore_regex = [
+    ("py:class", r"(jax|optax|numpy|collections\.abc)\..*"),
+    ("py:class", r"(galore_optax\.\w+\.)?"
+     r"(TargetModules|MatrixAxes|PerLayerSpec|DTypeLike|KeyPath)"),
+]
+
+# "from_arguments()" rather than "GaLoreOptions.from_arguments()" in the
+# page's table of contents, which is narrow.
+toc_object_entries_show_parents = "hide"
+
 html_theme = "sphinx_book_theme"
 html_title = "galore-optax"
 html_theme_options = {
@@ -67,9 +81,6 @@ html_theme_options = {
     "use_download_button": False,
     "use_fullscreen_button": False,
 }
-html_static_path = []
-
-logger = logging.getLogger(__name__)
 html_show_sourcelink = False
 
 
@@ -80,24 +91,32 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
   return True if doc.startswith("Alias for field number") else skip
 
 
-_ALIAS_REPR = re.compile(r"TypeAliasForwardRef\('([^']+)'\)")
+# Reprs that Sphinx writes into signatures, and what a reader would write.
+_SIGNATURE_REPRS = (
+    # Aliases inside ``X | None`` or ``Callable[[X], ...]``.
+    (re.compile(r"TypeAliasForwardRef\('([^']+)'\)"), r"\1"),
+    # Class defaults such as ``jnp.float32``.
+    (re.compile(r"<class '([\w.]+)'>"), r"\1"),
+)
 
 
-def _unwrap_alias_reprs(app, what, name, obj, options, signature,
-                        return_annotation):
-  """Writes an alias used inside ``X | None`` or ``Callable[[X], ...]`` as X.
-
-  Sphinx renders such aliases as ``TypeAliasForwardRef('X')``.
-  """
+def _tidy_signature(app, what, name, obj, options, signature,
+                    return_annotation):
+  """Replaces object reprs in a signature by the names they stand for."""
   del app, what, name, obj, options
-  unwrap = lambda text: text and _ALIAS_REPR.sub(r"\1", text)
-  return unwrap(signature), unwrap(return_annotation)
+
+  def tidy(text):
+    for pattern, replacement in _SIGNATURE_REPRS:
+      text = text and pattern.sub(replacement, text)
+    return text
+
+  return tidy(signature), tidy(return_annotation)
 
 
 # Library docstrings that write a plural right after an inline literal
 # (``jax.ShapeDtypeStruct``s), which reStructuredText reads as an unclosed
 # literal. Until their docstrings are fixed, the build inserts the escaped
-# space (``x``\\ s) that renders them as meant. Strict: a listed docstring
+# space (``x``\ s) that renders them as meant. Strict: a listed docstring
 # that no longer needs it is a build error, so delete its entry with the fix.
 PLURAL_LITERAL_DOCSTRINGS = frozenset({
     "galore_optax.memory",
@@ -137,4 +156,4 @@ def setup(app):
   api_pages.write_api_pages(DOCS / "api")
   app.connect("autodoc-skip-member", _skip_namedtuple_fields)
   app.connect("autodoc-process-docstring", _escape_plural_literals)
-  app.connect("autodoc-process-signature", _unwrap_alias_reprs)
+  app.connect("autodoc-process-signature", _tidy_signature)
