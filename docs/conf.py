@@ -121,6 +121,7 @@ def _tidy_signature(app, what, name, obj, options, signature,
 PLURAL_LITERAL_DOCSTRINGS = frozenset({
     "galore_optax.memory",
     "galore_optax.memory.optimizer_state_bytes",
+    "galore_optax.state_8bit.quantize_state_8bit",
     "galore_optax.targets.target_mask",
 })
 _LITERAL = re.compile(r"``[^`]+``")
