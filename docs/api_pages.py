@@ -28,6 +28,10 @@ import galore_optax
 
 PACKAGE = "galore_optax"
 
+# The sections of the API index, in order.
+KIND_HEADINGS = {"function": "Functions", "class": "Classes",
+                 "data": "Constants"}
+
 
 def public_submodules() -> list[types.ModuleType]:
   """The submodules and subpackages of ``galore_optax`` without a ``_``.
@@ -77,7 +81,7 @@ def summary(obj: Any) -> str:
   """
   if not isinstance(obj, (types.ModuleType, type)) and not callable(obj):
     return f"``{obj!r}``"
-  doc = inspect.getdoc(obj) or ""
+  doc = inspect.getdoc(obj) or "(undocumented)"
   return " ".join(doc.split("\n\n", 1)[0].split())
 
 
@@ -165,7 +169,7 @@ def module_page(module: types.ModuleType) -> str:
   if exported:
     rows = "".join(
         f"   * - :obj:`{PACKAGE}.{top[id(getattr(module, n))]}`\n"
-        f"     - {summary(getattr(module, n)) or '..'}\n" for n in exported)
+        f"     - {summary(getattr(module, n))}\n" for n in exported)
     parts.append(".. rubric:: Also exported at the top level\n\n"
                  ".. list-table::\n   :widths: 30 70\n\n" + rows)
   if own:
@@ -175,7 +179,7 @@ def module_page(module: types.ModuleType) -> str:
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
-  body = "".join(f"   * - {ref}\n     - {text or '..'}\n" for ref, text in rows)
+  body = "".join(f"   * - {ref}\n     - {text}\n" for ref, text in rows)
   return ".. list-table::\n   :widths: 30 70\n\n" + body
 
 
@@ -189,10 +193,8 @@ def index_page(names: list[str], modules: list[types.ModuleType]) -> str:
   Returns:
     reStructuredText.
   """
-  kinds = {"function": "Functions", "class": "Classes",
-           "data": "Constants"}
   sections = []
-  for kind, heading in kinds.items():
+  for kind, heading in KIND_HEADINGS.items():
     rows = [(f":obj:`{PACKAGE}.{n}`", summary(getattr(galore_optax, n)))
             for n in names if _kind(getattr(galore_optax, n)) == kind]
     if rows:
@@ -204,7 +206,7 @@ def index_page(names: list[str], modules: list[types.ModuleType]) -> str:
   return "\n".join([
       _title("API reference"),
       f".. py:module:: {PACKAGE}\n",
-      "Everything in the first three tables is importable as "
+      "The functions, classes and constants below are importable as "
       "``galore_optax.<name>``; the submodules hold the building blocks "
       "and the rest of the public API.\n",
       *sections,
@@ -229,10 +231,10 @@ def write_api_pages(out_dir: pathlib.Path) -> list[str]:
     The page names written (without suffix), index included.
   """
   out_dir.mkdir(parents=True, exist_ok=True)
-  kind_order = {"function": 0, "class": 1, "data": 2}
+  order = list(KIND_HEADINGS)
   names = sorted((n for n in galore_optax.__all__
                   if not inspect.ismodule(getattr(galore_optax, n))),
-                 key=lambda n: (kind_order[_kind(getattr(galore_optax, n))],
+                 key=lambda n: (order.index(_kind(getattr(galore_optax, n))),
                                 n.lower()))
   modules = public_submodules()
   pages = {"index": index_page(names, modules)}
