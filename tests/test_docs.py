@@ -1,7 +1,8 @@
 """The documentation: the site builds cleanly and its code runs.
 
-* Every ```` ```python ```` block of a guide (``docs/guides/*.md``) runs, the
-  blocks of one guide in order in one namespace, as a reader would paste them.
+* Every ```` ```python ```` block of a guide (``docs/guides/*.md``) and of
+  the front page runs, the blocks of one page in order in one namespace, as a
+  reader would paste them.
   Blocks that cannot run here (several hosts) are written as
   ```` ```{code-block} python ```` or start with a ``# not run`` line.
 * Every ``Example::`` block of a public docstring is listed below, either as
@@ -25,7 +26,6 @@ import time
 import jax
 import jax.numpy as jnp
 import markdown_it
-import numpy as np
 import optax
 import pytest
 
@@ -34,6 +34,8 @@ import galore_optax
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 GUIDES = sorted((DOCS / "guides").glob("*.md"))
+# Pages whose python blocks run: the guides and the front page.
+CODE_PAGES = [DOCS / "index.md", *GUIDES]
 
 sys.path.insert(0, str(DOCS))
 import api_pages  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -142,10 +144,11 @@ def test_code_lines_fit_the_page():
   assert not too_long, f"code lines over {MAX_CODE_LINE} characters: {too_long}"
 
 
-@pytest.mark.parametrize("guide", [g.name for g in GUIDES
-                                   if g.name not in MULTI_DEVICE_GUIDES])
-def test_guide_code_runs(guide):
-  path = DOCS / "guides" / guide
+@pytest.mark.parametrize("page", [
+    str(p.relative_to(DOCS)) for p in CODE_PAGES
+    if p.name not in MULTI_DEVICE_GUIDES])
+def test_guide_code_runs(page):
+  path = DOCS / page
   run_blocks(str(path.relative_to(ROOT)), python_blocks(path))
 
 
