@@ -13,12 +13,10 @@ DOCS = pathlib.Path(__file__).resolve().parent
 # The checkout's own package, not an installed copy.
 sys.path[:0] = [str(DOCS.parent), str(DOCS)]
 
-from sphinx.util import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import api_pages  # pylint: disable=g-import-not-at-top,wrong-import-position
 import galore_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-logger = logging.getLogger(__name__)
 
 project = "galore-optax"
 author = "the galore-optax authors"
@@ -64,13 +62,13 @@ autodoc_type_aliases = {
 # and type aliases, which are not documented objects.
 nitpicky = True
 nitpick_ignore_regex = [
-    ("py:class", r"(jax|optax|numpy|collections\.abc)\..*"),
+    ("py:class", r"(jax|optax|numpy|np|collections\.abc|argparse|os)\..*"),
     ("py:class", r"(galore_optax\.\w+\.)?"
      r"(TargetModules|MatrixAxes|PerLayerSpec|DTypeLike|KeyPath)"),
 ]
 
-# "from_arguments()" rather than "GaLoreOptions.from_arguments()" in the
-# page's table of contents, which is narrow.
+# "f()" rather than "SomeClass.f()" in the page's table of contents, which
+# is narrow.
 toc_object_entries_show_parents = "hide"
 
 html_theme = "sphinx_book_theme"
@@ -113,48 +111,7 @@ def _tidy_signature(app, what, name, obj, options, signature,
   return tidy(signature), tidy(return_annotation)
 
 
-# Library docstrings that write a plural right after an inline literal
-# (``jax.ShapeDtypeStruct``s), which reStructuredText reads as an unclosed
-# literal. Until their docstrings are fixed, the build inserts the escaped
-# space (``x``\ s) that renders them as meant. Strict: a listed docstring
-# that no longer needs it is a build error, so delete its entry with the fix.
-PLURAL_LITERAL_DOCSTRINGS = frozenset({
-    "galore_optax.memory",
-    "galore_optax.memory.optimizer_state_bytes",
-    "galore_optax.state_8bit.quantize_state_8bit",
-    "galore_optax.targets.target_mask",
-})
-_LITERAL = re.compile(r"``[^`]+``")
-
-
-def _object_name(obj):
-  if hasattr(obj, "__qualname__") and hasattr(obj, "__module__"):
-    return f"{obj.__module__}.{obj.__qualname__}"
-  return getattr(obj, "__name__", "")
-
-
-def _escape_plural_literals(app, what, name, obj, options, lines):
-  """Separates a literal from a letter that follows it, in listed objects."""
-  del app, what, options
-  key = _object_name(obj)
-  if key not in PLURAL_LITERAL_DOCSTRINGS:
-    return
-  text = "\n".join(lines)
-  pieces, last = [], 0
-  for match in _LITERAL.finditer(text):
-    glued = match.end() < len(text) and text[match.end()].isalnum()
-    pieces.append(text[last:match.end()] + ("\\ " if glued else ""))
-    last = match.end()
-  fixed = "".join(pieces) + text[last:]
-  if fixed == text:
-    logger.warning(
-        "%s (%s) no longer glues a letter to an inline literal: remove it "
-        "from PLURAL_LITERAL_DOCSTRINGS in docs/conf.py.", key, name)
-  lines[:] = fixed.split("\n")
-
-
 def setup(app):
   api_pages.write_api_pages(DOCS / "api")
   app.connect("autodoc-skip-member", _skip_namedtuple_fields)
-  app.connect("autodoc-process-docstring", _escape_plural_literals)
   app.connect("autodoc-process-signature", _tidy_signature)

@@ -2,7 +2,7 @@
 
 ``optimizer_state_bytes(tx, params)`` sizes the state that ``tx.init(params)``
 would create, by abstract evaluation (``jax.eval_shape``), so ``params`` may
-be a tree of ``jax.ShapeDtypeStruct``s for a model that does not fit here;
+be a tree of ``jax.ShapeDtypeStruct`` objects for a model that does not fit here;
 ``step_bytes(params)`` sizes the parameters and the gradients that an
 ordinary and a per-layer train step hold. ``python -m galore_optax.memory``
 prints them for LLaMA shapes.
@@ -43,7 +43,7 @@ def optimizer_state_bytes(tx: optax.GradientTransformation,
 
   Args:
     tx: any optax transformation.
-    params: arrays or ``jax.ShapeDtypeStruct``s.
+    params: arrays or ``jax.ShapeDtypeStruct`` objects.
 
   Returns:
     A ``StateBytes`` with the total and the per-leaf bytes.
@@ -80,7 +80,7 @@ def step_bytes(params: optax.Params) -> StepBytes:
   """Sizes the parameters and the gradients of an ordinary and a per-layer step.
 
   Args:
-    params: arrays or ``jax.ShapeDtypeStruct``s.
+    params: arrays or ``jax.ShapeDtypeStruct`` objects.
 
   Returns:
     A ``StepBytes``.

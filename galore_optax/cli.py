@@ -66,7 +66,7 @@ def user_errors(parser: argparse.ArgumentParser,
                 ) -> Iterator[None]:
   """Turns the documented input errors raised inside into ``parser.error``.
 
-  Wrap only the setup calls whose ``ValueError``s (and the like) report bad
+  Wrap only the setup calls whose ``ValueError`` exceptions (and the like) report bad
   user input, so that genuine bugs elsewhere keep their tracebacks.
 
   Args:

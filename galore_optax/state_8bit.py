@@ -42,7 +42,7 @@ class QuantizedState(NamedTuple):
 class _QuantizedLeaf(quantization.QuantizedArray):
   """A ``QuantizedArray`` that this wrapper made from an inner state leaf.
 
-  A distinct type so that ``QuantizedArray``s the inner transformation keeps
+  A distinct type so that ``QuantizedArray`` leaves the inner transformation keeps
   itself (e.g. 8-bit projectors) are passed through untouched.
   """
 
@@ -102,7 +102,7 @@ def quantize_state_8bit(
   elements is kept as a ``quantization.QuantizedArray``: uint8 codes of the
   dynamic map and one float32 absmax per ``block_size`` values. Smaller
   leaves and non-float leaves (step counts) are kept as they are, and so are
-  ``QuantizedArray``s that ``inner`` stores itself. Non-negative second
+  ``QuantizedArray`` leaves that ``inner`` stores itself. Non-negative second
   moments use the unsigned map (twice the resolution), all others the signed
   one.
 

@@ -115,7 +115,7 @@ def target_mask(params: optax.Params,
   """Boolean tree: which leaves are GaLore targets.
 
   Args:
-    params: a parameter (or gradient) tree; arrays or ``ShapeDtypeStruct``s.
+    params: a parameter (or gradient) tree; arrays or ``ShapeDtypeStruct`` objects.
     target_modules: the selection; see the module docstring.
 
   Returns:
@@ -154,6 +154,8 @@ def galore_labels(
   """Label function for ``optax.partition``: targets vs everything else.
 
   Example::
+
+    from galore_optax import galore_project
 
     tx = optax.partition(
         {"galore": galore_project(optax.scale_by_adam()),

@@ -100,7 +100,7 @@ class LayerCall:
 
   Attributes:
     fn: ``(carry, params, *consts) -> carry``: ``f`` itself, or its
-      ``jax.closure_convert``ed copy when ``f`` closes over traced values.
+      copy made by ``jax.closure_convert`` when ``f`` closes over traced values.
     treedef: the structure of the layer's ``params``.
     hooked: per leaf of ``params``, whether it is one of the step's leaves.
     leaf_ids: the step's leaf index of each of those.

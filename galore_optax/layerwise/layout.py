@@ -128,7 +128,7 @@ def galore_states(opt_state: Any) -> list[GaLoreState]:
 
 
 class LayoutCache:
-  """``Layout``s of the parameter trees a step has seen, built once each.
+  """The ``Layout`` of each parameter tree a step has seen, built once each.
 
   Args:
     tx: the step's optimizer.

@@ -81,14 +81,19 @@ def make_layerwise_step(
 
   Example::
 
-    graphdef, params = nnx.split(model, nnx.Param)
-    def loss_fn(params, batch):
-      return llama.loss_fn(nnx.merge(graphdef, params), batch)
+    import jax.numpy as jnp
+    from galore_optax import galore_adamw_8bit
+    from galore_optax.layerwise import dense
 
-    init, step = make_layerwise_step(loss_fn, galore_adamw_8bit(1e-2))
+    def loss_fn(params, batch):
+      x, y = batch
+      return jnp.mean((dense(x, params["w"]) - y) ** 2)
+
+    params = {"w": jnp.ones((16, 8))}
+    init, step = make_layerwise_step(loss_fn, galore_adamw_8bit(1e-2, rank=4))
     opt_state = init(params)
-    for batch in batches:
-      params, opt_state, loss = step(params, opt_state, batch)
+    batch = (jnp.ones((4, 16)), jnp.zeros((4, 8)))
+    params, opt_state, loss = step(params, opt_state, batch)
 
   Args:
     loss_fn: ``(params, batch) -> loss`` (or ``(loss, aux)`` with
