@@ -5,7 +5,11 @@ References:
   Projection", ICML 2024, arXiv 2403.03507.
 """
 
+import importlib
+from typing import Any
+
 from galore_optax import adafactor
+from galore_optax import layerwise
 from galore_optax import names
 from galore_optax import projection
 from galore_optax import quantization
@@ -39,6 +43,19 @@ from galore_optax.transform import galore_project
 
 __version__ = "0.1.0"
 
+# Command-line modules, imported on first use: importing them with the package
+# would make ``python -m galore_optax.memory`` warn that the module was already
+# imported before it ran.
+_COMMAND_MODULES = ("cli", "memory")
+
+
+def __getattr__(name: str) -> Any:
+  """``galore_optax.memory`` and ``galore_optax.cli`` without an import."""
+  if name in _COMMAND_MODULES:
+    return importlib.import_module(f"galore_optax.{name}")
+  raise AttributeError(f"module 'galore_optax' has no attribute {name!r}")
+
+
 __all__ = (
     "GaLoreState",
     "MOMENT_POLICIES",
@@ -68,6 +85,7 @@ __all__ = (
     "galore_adamw",
     "galore_labels",
     "galore_project",
+    "layerwise",
     "path_to_name",
     "target_mask",
     "weight_quantization",
