@@ -35,8 +35,10 @@ What it does:
   ``jax.distributed``; checkpoints go to one shared directory, process
   ``i > 0`` writes its metrics under ``out-dir/process-i``);
 * periodic held-out evaluation on fixed batches (mean loss and perplexity);
-* ``metrics.csv``, TensorBoard scalars, ``loss.png`` and ``summary.json`` in
-  ``--out-dir``;
+* ``metrics.csv``, TensorBoard scalars, ``loss.png`` (loss and learning
+  rate, projector refreshes marked: ``examples.compare.plot_runs``) and
+  ``summary.json`` in ``--out-dir``; ``python -m examples.compare DIR ...``
+  overlays several runs;
 * Orbax checkpoints of parameters, optimizer state, step, data position and
   RNG key; ``--resume`` continues bit for bit where the run stopped, since the
   training batches are a pure function of ``(seed, step)``.
@@ -77,8 +79,10 @@ from galore_optax import layerwise as galore_layerwise
 from galore_optax import memory
 from galore_optax import weight_quantization
 from galore_optax.cli import parse_target_modules
-from examples import data as data_lib
-from examples import llama
+
+from . import compare
+from . import data as data_lib
+from . import llama
 
 # ---------------------------------------------------------------------------
 # Optimizers
@@ -364,39 +368,6 @@ def _read_metrics(path: Path, max_step: int) -> list[dict[str, str]]:
   with path.open(newline="") as f:
     return [row for row in csv.DictReader(f)
             if row.get("step") and int(row["step"]) <= max_step]
-
-
-def _float(x: str | None) -> float | None:
-  return float(x) if x not in (None, "") else None
-
-
-def plot_losses(rows: list[dict[str, str]], path: Path, title: str) -> bool:
-  """Writes the train and eval loss curves to a PNG (matplotlib, Agg)."""
-  try:
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-  except ImportError:
-    print("matplotlib is not installed: no plot.")
-    return False
-  train = [(int(r["step"]), float(r["train_loss"])) for r in rows
-           if r.get("train_loss")]
-  evals = [(int(r["step"]), float(r["eval_loss"])) for r in rows
-           if r.get("eval_loss")]
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  if train:
-    ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
-  if evals:
-    ax.plot(*zip(*evals), "o-", lw=1.5, label="eval loss")
-  ax.set_xlabel("optimizer step")
-  ax.set_ylabel("cross-entropy (nats / token)")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return True
 
 
 class _TensorBoard:
@@ -1402,8 +1373,9 @@ def report(args: argparse.Namespace, summary: dict[str, Any],
   with (out_dir / "summary.json").open("w") as f:
     json.dump(summary, f, indent=2)
   if args.plot:
-    plot_losses(rows, out_dir / "loss.png",
-                f"{args.optimizer} on {args.model}")
+    compare.plot_runs([compare.make_run(vars(args), rows, args.optimizer)],
+                      out_dir / "loss.png",
+                      title=f"{args.optimizer} on {args.model}")
 
   def fmt(x, spec):
     return "n/a" if x is None else format(x, spec)
