@@ -8,7 +8,8 @@ training tokens:
   markers) in one colour per run;
 * the learning-rate panel: each run's learning rate;
 * light vertical lines in the run's colour where its GaLore projectors are
-  refreshed: at updates ``0, T, 2T, ...`` (``T`` = ``update_proj_gap``); a
+  refreshed: at updates ``0, T, 2T, ...`` (``T`` = ``update_proj_gap``;
+  the line at step ``s`` marks the refresh inside update ``s + 1``); a
   run with ``stagger_refresh`` spreads its refreshes over each window of
   ``T`` updates, so the lines then mark the window boundaries (the legend
   says so). Runs of other optimizers get no lines.
