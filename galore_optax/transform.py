@@ -95,9 +95,9 @@ def _back_project(update: jax.Array, projector: projection.Projector,
       projector, plan)
 
 
-def _integers_after(inner_state: optax.OptState,
-                    *updates: jax.Array) -> optax.OptState:
-  """``inner_state`` with its integer arrays computed once ``updates`` exist.
+def _codes_after(inner_state: optax.OptState,
+                 *updates: jax.Array) -> optax.OptState:
+  """``inner_state`` with its 8-bit codes computed once ``updates`` exist.
 
   The inner update may read the old inner state again after the new one is
   made (``quantize_state_8bit`` dequantises its 8-bit codes once per use),
@@ -106,18 +106,18 @@ def _integers_after(inner_state: optax.OptState,
   of the step and keeps the copy until the update: in a per-layer step, most
   layers' 8-bit moments at once (1.5 GiB at LLaMA-7B). The low-rank updates
   are written out anyway (the back-projection is a product), so waiting for
-  their first elements costs nothing. Only integer leaves (the 8-bit codes,
-  counts) wait: adding an integer zero changes no bit, where a float zero
-  would turn ``-0.0`` into ``0.0``.
+  their first elements costs nothing. Only the uint8 codes wait (adding an
+  integer zero changes no bit, where a float zero would turn ``-0.0`` into
+  ``0.0``); float states are untouched, so their programs do not change.
   """
   leaves, treedef = jax.tree.flatten(inner_state)
-  is_int = [jnp.issubdtype(jnp.result_type(x), jnp.integer) for x in leaves]
-  if not updates or not any(is_int):
+  is_code = [jnp.result_type(x) == jnp.uint8 for x in leaves]
+  if not updates or not any(is_code):
     return inner_state
-  tied = iter(ordering.after([x for x, i in zip(leaves, is_int) if i],
+  tied = iter(ordering.after([x for x, c in zip(leaves, is_code) if c],
                              *updates))
-  return treedef.unflatten([next(tied) if i else x
-                            for x, i in zip(leaves, is_int)])
+  return treedef.unflatten([next(tied) if c else x
+                            for x, c in zip(leaves, is_code)])
 
 
 def _check_arguments(rank: Any, update_proj_gap: Any, scale: Any,
@@ -275,7 +275,7 @@ def galore_project(
     inner_updates, inner_state = inner.update(
         treedef.unflatten(lowrank), refreshed.inner_state, None, **extra_args)
     inner_updates = treedef.flatten_up_to(inner_updates)
-    inner_state = _integers_after(
+    inner_state = _codes_after(
         inner_state, *(ordering.first_element(inner_updates[i]) for i in plans))
     # 4. Back-project, scaled, the first after every gradient and each next
     # after the one before (see ``_back_project``). A literal scale would
