@@ -9,13 +9,23 @@ import jax.numpy as jnp
 README = pathlib.Path(__file__).parent.parent / "README.md"
 
 
-def test_quick_start_runs_and_learns():
-  text = README.read_text()
-  block = re.search(r"## Quick start.*?```python\n(.*?)```", text, re.S).group(1)
+def _run_section_code(heading: str) -> dict:
+  """Runs the first python block after ``heading``; returns its namespace."""
+  block = re.search(re.escape(heading) + r".*?```python\n(.*?)```",
+                    README.read_text(), re.S).group(1)
   namespace = {}
-  exec(compile(block, "README quick start", "exec"), namespace)  # pylint: disable=exec-used
+  exec(compile(block, f"README {heading}", "exec"), namespace)  # pylint: disable=exec-used
+  return namespace
+
+
+def _regression_data() -> tuple[jax.Array, jax.Array]:
   x = jax.random.normal(jax.random.key(0), (32, 64))
-  y = jnp.tanh(x[:, ::-1])
+  return x, jnp.tanh(x[:, ::-1])
+
+
+def test_quick_start_runs_and_learns():
+  namespace = _run_section_code("## Quick start")
+  x, y = _regression_data()
   step = namespace["train_step"]
   losses = [float(step(namespace["model"], namespace["optimizer"], x, y))
             for _ in range(150)]
@@ -23,16 +33,11 @@ def test_quick_start_runs_and_learns():
 
 
 def test_int8_weights_example_runs_and_learns():
-  text = README.read_text()
-  block = re.search(r"## 8-bit weights.*?```python\n(.*?)```", text,
-                    re.S).group(1)
-  namespace = {}
-  exec(compile(block, "README int8 weights", "exec"), namespace)  # pylint: disable=exec-used
+  namespace = _run_section_code("## 8-bit weights")
   wq = namespace["wq"]
   stored, opt_state = namespace["stored"], namespace["opt_state"]
   assert wq.is_quantized(stored["self_attn"]["kernel"].get_value())
-  x = jax.random.normal(jax.random.key(0), (32, 64))
-  y = jnp.tanh(x[:, ::-1])
+  x, y = _regression_data()
   losses = []
   for t in range(150):
     stored, opt_state, loss = namespace["train_step"](stored, opt_state, x, y,
@@ -43,15 +48,10 @@ def test_int8_weights_example_runs_and_learns():
 
 
 def test_per_layer_example_runs_and_learns():
-  text = README.read_text()
-  block = re.search(r"## Per-layer mode.*?```python\n(.*?)```", text,
-                    re.S).group(1)
-  namespace = {}
-  exec(compile(block, "README per-layer mode", "exec"), namespace)  # pylint: disable=exec-used
+  namespace = _run_section_code("## Per-layer mode")
   step = namespace["step"]
   params, opt_state = namespace["params"], namespace["opt_state"]
-  x = jax.random.normal(jax.random.key(0), (32, 64))
-  y = jnp.tanh(x[:, ::-1])
+  x, y = _regression_data()
   losses = []
   for _ in range(150):
     params, opt_state, loss = step(params, opt_state, (x, y))
