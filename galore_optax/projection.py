@@ -458,6 +458,12 @@ def refresh_projector(
   gradient is finite and the decomposition succeeded, so a non-finite
   gradient never reaches the projector.
 
+  The result has ``previous``'s type, sharding included, so that it can
+  take its place in a loop's carry or a ``cond``: under ``Explicit`` mesh
+  axes, the per-matrix validity of a gradient sharded over a batch axis
+  (e.g. the layer axis of a stacked leaf) is sharded like it, and would
+  otherwise shard the factors that ``previous`` holds replicated.
+
   Args:
     grad: the gradient, shape ``plan.shape``, any float dtype.
     plan: the leaf's plan.
@@ -474,7 +480,8 @@ def refresh_projector(
   new, ok = _factors(grad, plan, method, previous,
                      _sketch(method, plan, key, sketch, oversample), n_iter)
   return jax.tree.map(
-      lambda a, b: jnp.where(ok[..., None, None], a, b.astype(a.dtype)),
+      lambda a, b: sharding.with_sharding_of(
+          jnp.where(ok[..., None, None], a, b.astype(a.dtype)), b),
       new, previous)
 
 

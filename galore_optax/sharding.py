@@ -3,7 +3,9 @@
 Under ``Explicit`` mesh axes the sharding is part of an array's type, and
 some operations need to be told about it: decompositions refuse matrices
 sharded on their matrix dimensions, products over a sharded axis need an
-output sharding, and reshapes that split a sharded axis need one too.
+output sharding, reshapes that split a sharded axis need one too, and the
+branches of a ``cond`` (and the carry of a loop) must agree on it
+(``with_sharding_of``).
 ``Auto`` axes are handled by the compiler and do not show in the type, so
 an array sharded only over them counts as not explicitly sharded.
 """
@@ -42,3 +44,27 @@ def is_explicitly_sharded(x: jax.Array) -> bool:
     ``explicit_sharding(x) is not None``.
   """
   return explicit_sharding(x) is not None
+
+
+def with_sharding_of(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` resharded to ``like``'s sharding where ``Explicit`` axes make it
+  part of the type.
+
+  ``x`` must have ``like``'s shape. A value that takes the place of a state
+  (a ``cond`` branch, a loop's carry) must have the state's type, but an
+  element-wise operation takes the sharding of whichever operand is sharded:
+  e.g. a per-layer mask computed from a gradient sharded over its layer axis
+  shards a projector the state holds replicated.
+
+  Args:
+    x: an array or tracer.
+    like: an array or tracer of the same shape whose type ``x`` must have.
+
+  Returns:
+    ``x`` itself if neither is sharded over ``Explicit`` axes (``Auto``
+    shardings are not part of the type); otherwise ``x`` resharded to
+    ``like``'s partition spec (replicated if ``like`` is).
+  """
+  if not (is_explicitly_sharded(x) or is_explicitly_sharded(like)):
+    return x
+  return jax.sharding.reshard(x, jax.typeof(like).sharding.spec)

@@ -48,3 +48,27 @@ def test_explicit_axes_give_the_sharding_also_under_jit():
 
   f(x)
   assert seen == [(True, (None, "x"))]
+
+
+def test_with_sharding_of_gives_the_type_of_like():
+  mesh = _mesh(AxisType.Explicit)
+  sharded = jax.device_put(jnp.ones((4, 3)), NamedSharding(mesh, P("x", None)))
+  replicated = jax.device_put(jnp.ones((4, 3)), NamedSharding(mesh, P()))
+  plain = jnp.ones((4, 3))
+  assert sharding.with_sharding_of(plain, plain) is plain
+  seen = []
+
+  @jax.jit
+  def f(a, b):
+    # A mask sharded like a gradient shards what it selects from.
+    merged = jnp.where(a[:, :1] > 0, b, b)
+    seen.append((tuple(jax.typeof(merged).sharding.spec),
+                 tuple(jax.typeof(sharding.with_sharding_of(merged, b))
+                       .sharding.spec),
+                 tuple(jax.typeof(sharding.with_sharding_of(b, a))
+                       .sharding.spec)))
+    return a
+
+  with jax.set_mesh(mesh):
+    f(sharded, replicated)
+  assert seen == [(("x", None), (None, None), ("x", None))]
