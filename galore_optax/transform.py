@@ -185,7 +185,9 @@ def galore_project(
   the top-``r`` singular vectors of a recent gradient, ``inner`` runs on the
   small projected matrix (so its state is small), and ``inner``'s update is
   projected back to the leaf's shape and multiplied by ``scale``. Leaves with
-  fewer than two dimensions go through ``inner`` at full size.
+  fewer than two dimensions, or without values (a dimension of 0), go through
+  ``inner`` at full size. Complex leaves that would be projected raise a
+  ValueError at ``init`` (the projection is real).
 
   The projector is recomputed from the current gradient at updates
   ``0, T, 2T, ...`` (``T = update_proj_gap``) inside the compiled step (a
