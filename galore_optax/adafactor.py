@@ -41,8 +41,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_optax._checks import check_finite_number
+from galore_optax._checks import check_learning_rate
 from galore_optax._checks import check_number_in_range
+from galore_optax._checks import check_real_leaf
+from galore_optax.targets import path_to_name
 
 
 class ScaleByFactoredRmsHfState(NamedTuple):
@@ -73,7 +75,9 @@ class ScaleByFactoredRmsHfState(NamedTuple):
 
 
 def _factored(leaf: Any) -> bool:
-  return leaf.ndim >= 2
+  # An empty leaf keeps an (empty) full moment: factors of an empty matrix
+  # would be means over no values (NaN).
+  return leaf.ndim >= 2 and leaf.size > 0
 
 
 def _moment_dtype(leaf: Any) -> jnp.dtype:
@@ -115,6 +119,11 @@ def scale_by_factored_rms_hf(
   check_number_in_range("eps", eps, low=0.0)
 
   def init_fn(params: optax.Params) -> ScaleByFactoredRmsHfState:
+    for path, p in jax.tree_util.tree_leaves_with_path(params):
+      check_real_leaf(path_to_name(path), p,
+                      "Adafactor's second moment is for real parameters "
+                      "only (the imaginary part would be lost).")
+
     def zeros(shape, p):
       return jnp.zeros(shape, _moment_dtype(p))
 
@@ -247,8 +256,9 @@ def scale_by_adafactor(
   if beta1 is not None:
     check_number_in_range("beta1", beta1, low=0.0, high=1.0,
                           high_inclusive=False)
-  if not callable(learning_rate):
-    check_finite_number("learning_rate", learning_rate)
+  check_learning_rate(learning_rate)
+  check_number_in_range("clip_threshold", clip_threshold, low=0.0,
+                        low_inclusive=False)
   parts = [
       scale_by_factored_rms_hf(decay_rate, eps),
       clip_by_matrix_rms(clip_threshold),

@@ -19,7 +19,9 @@ import optax
 from typing_extensions import Unpack
 
 from galore_optax import targets
-from galore_optax._checks import check_finite_number
+from galore_optax._checks import check_float_dtype
+from galore_optax._checks import check_learning_rate
+from galore_optax._checks import check_number_in_range
 from galore_optax.adafactor import scale_by_adafactor
 from galore_optax.state_8bit import quantize_state_8bit
 from galore_optax.transform import MatrixAxes
@@ -151,6 +153,28 @@ def _galore_chain(
   )
 
 
+def check_adam_arguments(learning_rate: Any, b1: Any, b2: Any, eps: Any,
+                         weight_decay: Any) -> None:
+  """Raises a ValueError naming the first bad AdamW hyper-parameter.
+
+  Arrays (hyper-parameters injected by ``optax.inject_hyperparams``) are
+  let through.
+
+  Args:
+    learning_rate: a schedule or a finite number >= 0.
+    b1: Adam's first-moment decay, in ``[0, 1)``.
+    b2: Adam's second-moment decay, in ``[0, 1)``.
+    eps: a finite number >= 0.
+    weight_decay: a finite number >= 0.
+  """
+  check_learning_rate(learning_rate)
+  for name, value in (("b1", b1), ("b2", b2)):
+    check_number_in_range(name, value, low=0.0, high=1.0,
+                          high_inclusive=False)
+  check_number_in_range("eps", eps, low=0.0)
+  check_number_in_range("weight_decay", weight_decay, low=0.0)
+
+
 def _galore_adam(
     adam: Callable[[], optax.GradientTransformation],
     learning_rate: optax.ScalarOrSchedule, weight_decay: float,
@@ -222,6 +246,8 @@ def galore_adamw(
   References:
     Zhao et al., 2024, arXiv 2403.03507.
   """
+  check_adam_arguments(learning_rate, b1, b2, eps, weight_decay)
+  check_float_dtype("mu_dtype", mu_dtype, allow_none=True)
   adam = lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
   return _galore_adam(adam, learning_rate, weight_decay, weight_decay_mask,
                       target_modules, "galore_adamw", galore_options)
@@ -292,7 +318,8 @@ def galore_adafactor(
     Zhao et al., 2024, arXiv 2403.03507; Shazeer and Stern, 2018,
     arXiv 1804.04235.
   """
-  check_finite_number("weight_decay", weight_decay)
+  check_learning_rate(learning_rate)
+  check_number_in_range("weight_decay", weight_decay, low=0.0)
   return _galore_chain(
       lambda: scale_by_adafactor(learning_rate, beta1=beta1,
                                  decay_rate=decay_rate, eps=eps,
@@ -350,6 +377,7 @@ def galore_adamw_8bit(
     Zhao et al., 2024, arXiv 2403.03507; Dettmers et al., 2022,
     arXiv 2110.02861.
   """
+  check_adam_arguments(learning_rate, b1, b2, eps, weight_decay)
   adam_8bit = lambda: quantize_state_8bit(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps), block_size=block_size,
       min_size=min_size)
@@ -392,6 +420,7 @@ def adamw_8bit(
     Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR
     2022, arXiv 2110.02861.
   """
+  check_adam_arguments(learning_rate, b1, b2, eps, weight_decay)
   return optax.chain(
       quantize_state_8bit(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
                           block_size=block_size, min_size=min_size),

@@ -373,19 +373,65 @@ def _randomized_factors(g: jax.Array, plan: LeafPlan, previous: Projector,
   return Projector(left, right), ok
 
 
+def _power_of_two(exponent: jax.Array) -> jax.Array:
+  """``2.0 ** exponent`` in float32, for int32 exponents in [-126, 127]."""
+  return jax.lax.bitcast_convert_type((exponent + 127) << 23, jnp.float32)
+
+
+def _unit_peak(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each matrix of float32 ``g`` divided by its largest magnitude, and
+  whether that is finite (the matrix is zeros where it is not).
+
+  The division is ``(g * 2**k) / (peak * 2**k)`` with ``2**k`` the power of
+  two that puts the peak in ``[1, 2)``, applied to the bits, exactly, before
+  any float arithmetic: XLA:CPU flushes subnormal operands to zero, which
+  made a subnormal gradient an all-zero one. The quotient equals ``g /
+  peak`` wherever that is exact, so gradients without subnormal entries
+  give the same bits as an unscaled division, and ``g`` and ``g * 2**j``
+  give the same result (entries below ``2**-126`` of the peak excepted,
+  which flush either way).
+  """
+  bits = jax.lax.bitcast_convert_type(g, jnp.int32)
+  magnitude = bits & 0x7FFFFFFF  # orders |g| as floats do, NaN above inf
+  peak = jnp.max(magnitude, axis=(-2, -1), keepdims=True)
+  finite = peak < 0x7F800000
+  # The peak's exponent: from its exponent field, or from the leading bit
+  # of a subnormal's mantissa (worth 2**-149 per unit); 0 for all zeros.
+  peak_exponent = jnp.where(peak >= 1 << 23, (peak >> 23) - 127,
+                            jnp.where(peak > 0,
+                                      31 - jax.lax.clz(peak) - 149, 0))
+  k = jnp.clip(-peak_exponent, -127, 149)  # finite peaks need no clipping
+
+  def scaled(bits):
+    sign = bits & jnp.int32(-2**31)
+    exponent = (bits >> 23) & 0xFF
+    mantissa = bits & 0x7FFFFF
+    # Normal: shift the exponent field (results below the normal range
+    # would be flushed by the division anyway).
+    shifted = exponent + k
+    normal = jnp.where(shifted >= 1, sign | (shifted << 23) | mantissa, sign)
+    # Subnormal: mantissa * 2**(k - 149), exact in two normal factors.
+    sub = (mantissa.astype(jnp.float32) *
+           _power_of_two(jnp.clip(k - 85, -126, 127)) * _power_of_two(-64))
+    sub = jnp.where(k >= 0, sub, 0.0)
+    sub = jax.lax.bitcast_convert_type(sub, jnp.int32) | sign
+    return jax.lax.bitcast_convert_type(
+        jnp.where(exponent > 0, normal, sub), jnp.float32)
+
+  unit = scaled(bits) / jnp.where(peak > 0, scaled(peak), 1.0)
+  return jnp.where(finite, unit, 0.0), finite
+
+
 def _factors(grad: jax.Array, plan: LeafPlan, method: str,
              previous: Projector | None, sketch: Projector | None,
              n_iter: int) -> tuple[Projector, jax.Array]:
   """``compute_projector``'s factors and, per matrix, whether they are
   valid (finite gradient, decomposition succeeded)."""
-  g = grad.astype(jnp.float32)
   # Singular vectors do not depend on the matrix's scale; normalising keeps
   # huge (overflowing s**2) and subnormal gradients in float32's range. The
   # peak also tells (in the same pass) whether the gradient is finite; a
   # non-finite one is replaced by zeros so the decomposition never sees it.
-  peak = jnp.max(jnp.abs(g), axis=(-2, -1), keepdims=True)
-  finite = jnp.isfinite(peak)
-  g = jnp.where(finite, g / jnp.where(peak > 0, peak, 1).astype(g.dtype), 0)
+  g, finite = _unit_peak(grad.astype(jnp.float32))
   if method == "svd":
     new, ok = _svd_factors(g, plan)
   elif method == "randomized":

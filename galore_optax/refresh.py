@@ -311,7 +311,8 @@ class RefreshPolicy:
         state's step count is shared), or ``"project"`` without float
         moments shaped like the parameters.
     """
-    num_leaves = len(jax.tree.leaves(params))
+    # An empty leaf has no moment values to lose at a reset.
+    num_leaves = sum(x.size > 0 for x in jax.tree.leaves(params))
     if self.moments == "reset" and num_projected != num_leaves:
       raise ValueError(
           "moments='reset' re-initialises the inner state at each refresh, "

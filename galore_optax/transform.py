@@ -18,13 +18,22 @@ from galore_optax import ordering
 from galore_optax import projection
 from galore_optax import projector_storage
 from galore_optax import refresh
+from galore_optax._checks import check_bool
 from galore_optax._checks import check_choice
-from galore_optax._checks import check_finite_number
+from galore_optax._checks import check_number_in_range
 from galore_optax._checks import check_positive_int
+from galore_optax._checks import check_real_leaf
+from galore_optax._checks import check_seed
+from galore_optax._checks import check_step_count
 from galore_optax.matrix_view import MatrixAxes
 from galore_optax.targets import path_to_name
 
 MOMENT_POLICIES = ("keep", "project", "reset")
+
+COMPLEX_REFUSED = (
+    "galore_project projects real matrices only (the imaginary part would "
+    "be lost). Leave complex leaves out of target_modules: the full-rank "
+    "optimizer (e.g. optax's Adam) handles complex parameters.")
 
 
 class GaLoreState(NamedTuple):
@@ -64,10 +73,12 @@ def _named_matrices(
 
 def _leaf_plans(matrices: list[Any], rank: int,
                 proj_type: str) -> dict[int, projection.LeafPlan]:
-  """By leaf index, the plan of every projected leaf (two or more dims)."""
+  """By leaf index, the plan of every projected leaf: two or more
+  dimensions and not empty (an empty leaf has no subspace; ``inner`` gives
+  it its empty update at full size)."""
   return {i: projection.plan_leaf(tuple(x.shape), rank, proj_type)
           for i, x in enumerate(matrices)
-          if hasattr(x, "ndim") and x.ndim >= 2}
+          if hasattr(x, "ndim") and x.ndim >= 2 and x.size > 0}
 
 
 def _back_project(update: jax.Array, projector: projection.Projector,
@@ -122,16 +133,20 @@ def _codes_after(inner_state: optax.OptState,
 
 def _check_arguments(rank: Any, update_proj_gap: Any, scale: Any,
                      proj_type: Any, projector_method: Any,
-                     projector_dtype: Any, stagger_refresh: bool,
-                     moments: Any, matrix_axes: Any) -> tuple[int, int]:
+                     projector_dtype: Any, stagger_refresh: Any,
+                     moments: Any, matrix_axes: Any,
+                     seed: Any) -> tuple[int, int]:
   """Raises a ValueError for a bad ``galore_project`` argument.
 
   Returns:
     ``rank`` and ``update_proj_gap`` as Python ints.
   """
+  # A rank above a matrix's size is clipped to it (nothing is sized by it).
   rank = check_positive_int("rank", rank)
-  gap = check_positive_int("update_proj_gap", update_proj_gap)
-  check_finite_number("scale", scale)
+  gap = check_step_count("update_proj_gap", update_proj_gap)
+  check_number_in_range("scale", scale, low=0.0)
+  check_bool("stagger_refresh", stagger_refresh)
+  check_seed("seed", seed)
   check_choice("proj_type", proj_type, projection.PROJ_TYPES)
   check_choice("projector_method", projector_method,
                projection.PROJECTOR_METHODS)
@@ -170,7 +185,9 @@ def galore_project(
   the top-``r`` singular vectors of a recent gradient, ``inner`` runs on the
   small projected matrix (so its state is small), and ``inner``'s update is
   projected back to the leaf's shape and multiplied by ``scale``. Leaves with
-  fewer than two dimensions go through ``inner`` at full size.
+  fewer than two dimensions, or without values (a dimension of 0), go through
+  ``inner`` at full size. Complex leaves that would be projected raise a
+  ValueError at ``init`` (the projection is real).
 
   The projector is recomputed from the current gradient at updates
   ``0, T, 2T, ...`` (``T = update_proj_gap``) inside the compiled step (a
@@ -233,7 +250,7 @@ def galore_project(
   """
   rank, gap = _check_arguments(rank, update_proj_gap, scale, proj_type,
                                projector_method, projector_dtype,
-                               stagger_refresh, moments, matrix_axes)
+                               stagger_refresh, moments, matrix_axes, seed)
   inner = optax.with_extra_args_support(inner)
   policy = refresh.RefreshPolicy(inner, gap, stagger_refresh,
                                  projector_method, projector_dtype, moments,
@@ -244,6 +261,7 @@ def galore_project(
     plans = _leaf_plans(leaves, rank, proj_type)
     projectors = {}
     for i, plan in plans.items():
+      check_real_leaf(names[i], leaves[i], COMPLEX_REFUSED)
       projectors[names[i]] = projector_storage.store(
           projection.initial_projector(plan), projector_dtype)
     inner_state = inner.init(treedef.unflatten([

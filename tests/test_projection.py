@@ -160,6 +160,26 @@ def test_projector_is_scale_invariant(method, scale):
   np.testing.assert_allclose(scaled.left, plain.left, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", projection.PROJECTOR_METHODS)
+def test_power_of_two_multiples_give_bit_identical_projectors(method):
+  """Subnormal entries (flushed to zero by XLA:CPU arithmetic, which made a
+  subnormal gradient an all-zero one) and peaks above 2**126 (whose
+  reciprocal is subnormal, which did the same) are scaled exactly first."""
+  ints = np.random.default_rng(0).integers(-2**20, 2**20, (2, 12, 8))
+  plan = projection.plan_leaf(ints.shape, 3, "full")
+  refresh = jax.jit(lambda g: projection.refresh_projector(
+      g, plan, projection.initial_projector(plan), method=method,
+      key=jax.random.key(0)))
+  expected = refresh(jnp.asarray(ints, jnp.float32))
+  # Exact in float32 (numpy does not flush): all subnormal, a subnormal
+  # tail below a normal peak, and a peak of 2**127.
+  for power in (-149, -135, 107):
+    g = (ints * 2.0**power).astype(np.float32)
+    np.testing.assert_array_equal(g.astype(np.float64) * 2.0**-power, ints)
+    jax.tree.map(np.testing.assert_array_equal, refresh(jnp.asarray(g)),
+                 expected)
+
+
 @pytest.mark.parametrize("method", ["svd", "randomized"])
 def test_refresh_keeps_previous_where_the_decomposition_fails(monkeypatch,
                                                               method):

@@ -1,4 +1,4 @@
-"""The README's quick start runs as written and trains."""
+"""The README's examples run as written and train; its guarantees cite tests."""
 
 import pathlib
 import re
@@ -58,3 +58,29 @@ def test_per_layer_example_runs_and_learns():
     losses.append(float(loss))
   assert losses[-1] < 0.1 * losses[0]
   assert step._cache_size() == 1
+
+
+def test_every_guarantee_names_tests_that_exist():
+  """Each promise of "Failure modes and guarantees" cites a test by
+  ``file::name`` (or an abbreviation the section defines), and each cited
+  test exists."""
+  section = README.read_text().split("## Failure modes and guarantees")[1]
+  section = section.split("\n## ")[0]
+  short = _abbreviations(section)
+  promises = section.split("What it does not promise")[0]
+  bullets = re.split(r"\n- ", promises)[1:]
+  assert len(bullets) >= 10
+  tests_dir = README.parent / "tests"
+  for bullet in bullets:
+    cited = re.findall(r"`((?:tests/)?[\w/]+(?:\.py)?)::(\w+)", bullet)
+    assert cited, f"no test named for: {bullet[:80]}"
+    for where, name in cited:
+      path = README.parent / short.get(where, where)
+      assert path.exists() and path.parent == tests_dir, where
+      assert f"def {name}(" in path.read_text(), f"{where}::{name}"
+
+
+def _abbreviations(section: str) -> dict[str, str]:
+  """``{"R": "tests/test_reliability.py", ...}`` from the section's intro."""
+  intro = section.split("\n- ")[0]
+  return dict(re.findall(r"`(\w+)`\s+(?:is\s+)?`(tests/\w+\.py)`", intro))

@@ -177,6 +177,22 @@ def test_two_runs_are_identical(method):
   jax.tree.map(np.testing.assert_array_equal, run(), run())
 
 
+@pytest.mark.parametrize("name", ["galore_adamw_8bit", "galore_adafactor"])
+def test_apply_if_finite_skips_the_whole_update(name):
+  guarded = optax.apply_if_finite(_make(name), max_consecutive_errors=5)
+  step = jax.jit(lambda g, s: guarded.update(g, s, PARAMS))
+  _, state = step(_grads(0, PARAMS), guarded.init(PARAMS))
+  _, state = step(_grads(1, PARAMS), state)
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan),
+                     _grads(2, PARAMS))
+  updates, skipped = step(bad, state)  # update 2 would refresh
+  # Moments, projectors and the step count (the refresh schedule) stay.
+  jax.tree.map(np.testing.assert_array_equal, skipped.inner_state,
+               state.inner_state)
+  assert all(not jnp.any(u) for u in jax.tree.leaves(updates))
+  assert int(skipped.notfinite_count) == 1
+
+
 # 5. One compilation across refresh and ordinary steps; invariant state.
 @pytest.mark.parametrize("name", list(ALL))
 def test_compiles_once_and_state_is_invariant(name):

@@ -6,11 +6,13 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
-import jax.numpy as jnp
 import numpy as np
 
 from galore_optax import targets
+from galore_optax._checks import check_float_dtype
+from galore_optax._checks import check_number_in_range
 from galore_optax._checks import check_positive_int
+from galore_optax._checks import check_step_count
 
 PerLayerSpec = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -75,10 +77,10 @@ def make_options(
   Raises:
     ValueError: for invalid values.
   """
-  k = check_positive_int("accumulate_steps", accumulate_steps)
-  if clip_norm is not None and not (np.isscalar(clip_norm) and clip_norm > 0):
-    raise ValueError(f"clip_norm must be a positive number or None, got "
-                     f"{clip_norm!r}.")
+  k = check_step_count("accumulate_steps", accumulate_steps)
+  if clip_norm is not None:
+    check_number_in_range("clip_norm", clip_norm, low=0.0,
+                          low_inclusive=False)
   chunk_rules = []
   for key, value in (row_chunks or {}).items():
     chunk_rules.append((targets.make_matcher([key]),
@@ -89,10 +91,7 @@ def make_options(
     is_per_layer = per_layer
   else:
     is_per_layer = targets.make_matcher(per_layer)
-  accumulate_dtype = jnp.dtype(accumulate_dtype)
-  weight_dtype = jnp.dtype(weight_dtype)
-  if not jnp.issubdtype(weight_dtype, jnp.floating):
-    raise ValueError(f"weight_dtype must be a floating dtype, got "
-                     f"{weight_dtype}.")
+  accumulate_dtype = check_float_dtype("accumulate_dtype", accumulate_dtype)
+  weight_dtype = check_float_dtype("weight_dtype", weight_dtype)
   return StepOptions(clip_norm, k, accumulate_dtype, weight_dtype,
                      per_layer, is_per_layer, tuple(chunk_rules))

@@ -88,6 +88,11 @@ def scan_layerwise(ctx: Context, f: Callable[[Any, Any], Any], carry: Any,
   leaf_ids = tuple(i for i in found if i is not None)
   for i in leaf_ids:
     ctx.consume_per_layer(i)
+  if num_layers == 0:
+    # Nothing to run or update: the stacks' zero cotangents are their
+    # (empty) new values and states.
+    ctx.reached.update(leaf_ids)
+    return carry
   reg_states = [ctx.packed[i] for i in leaf_ids]
   example = ldef.unflatten([x[0] for x in leaves])
   f_conv, consts = jax.closure_convert(f, carry, example)
