@@ -282,7 +282,8 @@ def _gradients(params, magnitudes, spikes):
       for spike in spikes:
         if spike.update == t and spike.leaf == name and g.size:
           g.flat[spike.index % g.size] = _value(spike.value, p.dtype)
-      grads.append(np.asarray(g, p.dtype))
+      with np.errstate(over="ignore"):  # 1e30 is Inf in float16
+        grads.append(np.asarray(g, p.dtype))
     out.append(treedef.unflatten(grads))
   return out
 
