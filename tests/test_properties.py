@@ -187,12 +187,15 @@ def _params(layout, dtype):
       np.asarray(0.1 * rng.standard_normal(s), DTYPES[dtype]) for s in leaves])
 
 
+def _linear_term(p, g):
+  if jnp.iscomplexobj(p):
+    return jnp.sum(jnp.real(p * g))  # jax.grad of Re(g p) is g
+  return jnp.sum(p.astype(jnp.float32) * g.astype(jnp.float32))
+
+
 def _linear_loss(params, grads):
   """A loss whose gradient with respect to ``params`` is exactly ``grads``."""
-  terms = jax.tree.map(
-      lambda p, g: jnp.sum(p.astype(jnp.float32) * g.astype(jnp.float32)),
-      params, grads)
-  return sum(jax.tree.leaves(terms))
+  return sum(jax.tree.leaves(jax.tree.map(_linear_term, params, grads)))
 
 
 @functools.lru_cache(maxsize=None)
