@@ -241,18 +241,26 @@ MIN_SHARD_SIZE = 1024
 
 
 def parse_mesh(spec: str | None) -> dict[str, int]:
-  """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}`` (missing axes: 1)."""
+  """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}`` (missing axes: 1).
+
+  ``None`` is one device; an empty spec or an axis named twice is an error.
+  """
   shape = {axis: 1 for axis in MESH_AXES}
-  if not spec:
+  if spec is None:
     return shape
-  for part in spec.split(","):
-    part = part.strip()
-    if not part:
-      continue
+  parts = [part.strip() for part in spec.split(",") if part.strip()]
+  if not parts:
+    raise ValueError(f"Empty --mesh {spec!r}: expected AXIS=N entries, e.g. "
+                     "'data=2,fsdp=4' (leave --mesh out for one device).")
+  named = set()
+  for part in parts:
     m = re.fullmatch(r"(\w+)\s*=\s*(\d+)", part)
     if not m or m.group(1) not in MESH_AXES or int(m.group(2)) < 1:
       raise ValueError(f"Bad --mesh entry {part!r}: expected AXIS=N with AXIS "
                        f"in {MESH_AXES} and N >= 1, e.g. 'data=2,fsdp=4'.")
+    if m.group(1) in named:
+      raise ValueError(f"--mesh {spec!r} gives axis {m.group(1)!r} twice.")
+    named.add(m.group(1))
     shape[m.group(1)] = int(m.group(2))
   return shape
 
@@ -530,7 +538,7 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
                  help="evaluate every N updates (0: only at start and end)")
   g.add_argument("--eval-batches", type=cli.positive_int, default=4,
                  help="fixed held-out batches per evaluation")
-  g.add_argument("--seed", type=cli.non_negative_int, default=0,
+  g.add_argument("--seed", type=cli.seed, default=0,
                  help="seed of the initialisation, the batch order and the "
                  "stochastic rounding")
 
@@ -599,7 +607,12 @@ def parse_args(argv: Sequence[str] | None,
   Returns:
     The arguments.
   """
-  args = (parser or build_parser()).parse_args(argv)
+  parser = parser or build_parser()
+  args = parser.parse_args(argv)
+  if ((args.num_processes is not None or args.process_id is not None)
+      and not (args.coordinator or args.distributed)):
+    parser.error("--num-processes and --process-id need --coordinator (or "
+                 "--distributed).")
   if args.lr is None:
     args.lr = default_lr(args.optimizer)
   if args.out_dir is None:
@@ -1400,6 +1413,11 @@ def report(args: argparse.Namespace, summary: dict[str, Any],
 # ---------------------------------------------------------------------------
 
 
+# Errors of the setup that report bad input: bad values, unusable paths (a
+# file where a directory is needed, ...), a missing optional package.
+SETUP_ERRORS = (ValueError, OSError, ImportError)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs pre-training; returns (and writes) the summary.
 
@@ -1415,13 +1433,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   # The documented input errors of the setup (a run directory in use, a
   # missing data path, an unreadable config, a mesh larger than the devices,
   # targets that match nothing...) are one line, not a traceback.
-  with cli.user_errors(parser):
+  with cli.user_errors(parser, SETUP_ERRORS):
     out_dir, ckpt_dir = prepare_run(args)
     data = load_data(args)
     model = setup_model(args, data.corpus)
     placement = setup_mesh(args, model)
     schedule = make_schedule(args)
     tx = build_tx(args, schedule, model.params_abstract)
+    # The optimizer's own checks of the parameters (e.g. moments='project'
+    # with 8-bit moments) run in init: trace it here, before any compilation.
+    jax.eval_shape(tx.init, model.params_abstract)
   steps = setup_steps(args, model, placement, schedule, tx)
   checkpoints = Checkpoints(args, ckpt_dir)
   state = restore_or_init(args, model, placement, steps, checkpoints)

@@ -125,6 +125,9 @@ positive_float = number_type(float, lambda v: v > 0, "a positive number")
 non_negative_float = number_type(float, lambda v: v >= 0, "a number >= 0")
 unit_interval = number_type(float, lambda v: 0 <= v <= 1,
                             "a number in [0, 1]")
+# What every consumer of a seed takes (numpy, grain, jax.random.key).
+seed = number_type(int, lambda v: 0 <= v < 2**32,
+                   "an integer in [0, 2**32)")
 
 
 def comma_list(choices: Sequence[str]) -> Callable[[str], list[str]]:

@@ -102,6 +102,38 @@ PRETRAIN_PARSE_ERRORS = [
     (["--optimizer", "sgd"], "--optimizer"),
     (["--resume", "--overwrite"], "--overwrite"),
     (["--no-such-flag"], "--no-such-flag"),
+    # Every other flag with a checked value.
+    (["--seed", "99999999999999999999"], "--seed"),
+    (["--seed", "4294967296"], "--seed"),
+    (["--mesh", ""], "--mesh"),
+    (["--mesh", "data=2,data=2"], "--mesh"),
+    (["--mesh", "fsdp"], "--mesh"),
+    (["--model", ""], "--model"),
+    (["--weight-group-size", "0"], "--weight-group-size"),
+    (["--weight-modules", "re:("], "--weight-modules"),
+    (["--weights", "int4"], "--weights"),
+    (["--weight-rounding", "up"], "--weight-rounding"),
+    (["--update-proj-gap", "0"], "--update-proj-gap"),
+    (["--scale", "0"], "--scale"),
+    (["--proj-type", "diag"], "--proj-type"),
+    (["--projector-method", "qr"], "--projector-method"),
+    (["--moments", "drop"], "--moments"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm"),
+    (["--grad-accum", "0"], "--grad-accum"),
+    (["--max-train-bytes", "0"], "--max-train-bytes"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--seq-len", "0"], "--seq-len"),
+    (["--eval-every", "-1"], "--eval-every"),
+    (["--eval-batches", "0"], "--eval-batches"),
+    (["--num-processes", "0"], "--num-processes"),
+    (["--process-id", "-1"], "--process-id"),
+    (["--log-every", "0"], "--log-every"),
+    (["--checkpoint-every", "x"], "--checkpoint-every"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+    (["--num-processes", "2"], "--coordinator"),
+    (["--process-id", "0"], "--coordinator"),
 ]
 
 
@@ -135,11 +167,21 @@ def test_pretrain_bad_config_json_is_one_line(files, name, fragment, capsys,
     (["--weights", "int8", "--weight-modules", "no_such_module"],
      "matches no parameter"),
     (["--mesh", "fsdp=64"], "needs 64 devices"),
+    (["--optimizer", "galore_adamw_8bit", "--moments", "project"],
+     "moments='project' needs float moments"),
+    (["--optimizer", "galore_adafactor", "--moments", "project"],
+     "moments='project'"),
+    (["--cache-dir", "{good}"], "{good}"),  # a file, not a directory
+    (["--out-dir", "{good}"], "{good}"),
+    (["--optimizer", "galore_adamw", "--update-proj-gap", str(2**31)],
+     "update_proj_gap"),
 ])
 def test_pretrain_setup_error_is_one_line(files, extra, fragment, capsys,
                                           tmp_path):
   # The last --optimizer given wins over small_run's adamw.
+  extra = [a.format(**files) for a in extra]
   argv = small_run(files, tmp_path / "run", *extra)
+  fragment = fragment.format(**files)
   err = run_in_process(pretrain_llama.main, argv, capsys)
   assert_one_line_error(err, "pretrain_llama", fragment)
 
