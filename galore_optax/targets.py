@@ -139,17 +139,30 @@ def _compile(pattern: str, what: str) -> re.Pattern[str]:
                      f"{e}.") from None
 
 
-def is_all_linear(target_modules: TargetModules) -> bool:
-  """Whether a spec is Hugging Face's ``"all-linear"`` (or ``"all_linear"``).
-
-  Args:
-    target_modules: a spec.
-
-  Returns:
-    True for the string ``"all-linear"`` in either spelling.
-  """
+def _is_all_linear(target_modules: TargetModules) -> bool:
   return (isinstance(target_modules, str) and
           target_modules.replace("_", "-") == "all-linear")
+
+
+def _string_matcher(target_modules: TargetModules) -> Callable[[str], bool]:
+  """Hugging Face's ``check_target_module_exists`` on one string, checked."""
+  if target_modules is None or _is_all_linear(target_modules):
+    return lambda text: True
+  if isinstance(target_modules, str):
+    regex = _compile(target_modules, "target_modules")
+    return lambda text: regex.fullmatch(text) is not None
+  if not isinstance(target_modules, list) or not all(
+      isinstance(t, str) for t in target_modules):
+    raise TargetModulesTypeError(
+        "target_modules must be None, a regex string, 'all-linear' or a "
+        f"list of strings (as Hugging Face's optim_target_modules), got "
+        f"{target_modules!r}.")
+  if not target_modules:
+    raise ValueError("target_modules is an empty list: it selects nothing.")
+  entries = [(t, _compile(t, "target_modules entry")) for t in target_modules]
+  # Hugging Face's order: equal, substring, full regex match.
+  return lambda text: any(t == text or t in text or regex.fullmatch(text)
+                          for t, regex in entries)
 
 
 def make_matcher(target_modules: TargetModules) -> Callable[[str], bool]:
@@ -170,54 +183,48 @@ def make_matcher(target_modules: TargetModules) -> Callable[[str], bool]:
       a string or a list of strings.
     ValueError: for an empty list or a malformed regex.
   """
-  if target_modules is None or is_all_linear(target_modules):
-    return lambda name: True
-  if isinstance(target_modules, str):
-    regex = _compile(target_modules, "target_modules")
-    return lambda name: regex.fullmatch(module_name(name)) is not None
-  if not isinstance(target_modules, list) or not all(
-      isinstance(t, str) for t in target_modules):
-    raise TargetModulesTypeError(
-        "target_modules must be None, a regex string, 'all-linear' or a "
-        f"list of strings (as Hugging Face's optim_target_modules), got "
-        f"{target_modules!r}.")
-  if not target_modules:
-    raise ValueError("target_modules is an empty list: it selects nothing.")
-  entries = [(t, _compile(t, "target_modules entry")) for t in target_modules]
+  matches = _string_matcher(target_modules)
+  return lambda name: matches(module_name(name))
 
-  def matches(name: str) -> bool:
-    module = module_name(name)
-    # Hugging Face's order: equal, substring, full regex match.
-    return any(text == module or text in module or regex.fullmatch(module)
-               for text, regex in entries)
 
-  return matches
+def _matched_detail(what: str, matched: list[tuple[str, Any]]) -> str:
+  """Says which ineligible leaves a spec matched, and why they are not."""
+  vectors = [n for n, leaf in matched if leaf.ndim < 2]
+  others = [n for n, leaf in matched if leaf.ndim >= 2]
+  if not others:
+    return (f" {what} matched only leaves with fewer than two dimensions, "
+            f"which cannot be projected: {vectors[:5]}.")
+  return (f" {what} matched leaves that are not linear weights (pass "
+          f"any_matrix=True to project matrices): {others[:5]}"
+          f"{f' and vectors {vectors[:5]}' if vectors else ''}.")
 
 
 def _no_target_error(target_modules: TargetModules, any_matrix: bool,
-                     names: list[str], leaves: list[Any],
-                     matcher: Callable[[str], bool]) -> ValueError:
+                     names: list[str], leaves: list[Any]) -> ValueError:
   """Hugging Face's "no target modules found", with what did match."""
-  linear = [n for n, leaf in zip(names, leaves) if is_linear_weight(n, leaf)]
-  matched = [(n, leaf) for n, leaf in zip(names, leaves) if matcher(n)]
-  vectors = [n for n, leaf in matched if leaf.ndim < 2]
-  other = [n for n, leaf in matched if leaf.ndim >= 2]
-  detail = ""
-  if vectors:
-    detail += (" It matched leaves with fewer than two dimensions, which "
-               f"cannot be projected: {vectors[:5]}.")
-  if other:
-    detail += (" It matched leaves that are not linear weights (pass "
-               f"any_matrix=True to project them): {other[:5]}.")
-  eligible = "leaf with two or more dimensions" if any_matrix else (
-      "linear weight (a kernel or bare matrix)")
+  by_module = make_matcher(target_modules)
+  by_leaf_name = _string_matcher(target_modules)
+  named = list(zip(names, leaves))
+  matched = [(n, leaf) for n, leaf in named if by_module(n)]
+  detail = _matched_detail("It", matched) if matched else ""
+  near = [(n, leaf) for n, leaf in named if by_leaf_name(n)]
+  if near and not matched:
+    detail += (" Specs match module names, which leave out parameter keys "
+               "such as 'kernel' or 'bias'; on whole leaf names it ")
+    if all(leaf.ndim < 2 for _, leaf in near):
+      detail += ("matched only leaves with fewer than two dimensions: "
+                 f"{[n for n, _ in near][:5]}.")
+    else:
+      detail += f"would match {[n for n, _ in near][:5]}."
+  linear = [n for n, leaf in named if is_linear_weight(n, leaf)]
+  eligible = "any matrix" if any_matrix else (
+      "a linear weight: a kernel or a bare matrix")
   return ValueError(
       f"No target modules found: target_modules={target_modules!r} matches "
-      f"no parameter that can be projected (a {eligible}).{detail} Some "
-      f"linear weights: {linear[:10]}{' ...' if len(linear) > 10 else ''}. "
-      "Specs match module names (the name less its last key, such as "
-      "'kernel'); a single string is a regex that must match the whole "
-      "module name (use r'.*attn.*' or ['attn']).")
+      f"no parameter with two or more dimensions that can be projected "
+      f"({eligible}).{detail} Some linear weights: {linear[:10]}"
+      f"{' ...' if len(linear) > 10 else ''}. A single string is a regex "
+      "that must match the whole module name (use r'.*attn.*' or ['attn']).")
 
 
 def target_mask(params: optax.Params,
@@ -243,7 +250,7 @@ def target_mask(params: optax.Params,
   matcher = make_matcher(target_modules)
   if target_modules is None:
     eligible = lambda name, leaf: leaf.ndim >= 2
-  elif any_matrix and not is_all_linear(target_modules):
+  elif any_matrix and not _is_all_linear(target_modules):
     eligible = lambda name, leaf: leaf.ndim >= 2 and matcher(name)
   else:
     eligible = lambda name, leaf: is_linear_weight(name, leaf) and matcher(
@@ -253,7 +260,7 @@ def target_mask(params: optax.Params,
   leaves = [leaf for _, leaf in flat]
   mask = [eligible(name, leaf) for name, leaf in zip(names, leaves)]
   if not any(mask):
-    raise _no_target_error(target_modules, any_matrix, names, leaves, matcher)
+    raise _no_target_error(target_modules, any_matrix, names, leaves)
   return jax.tree_util.tree_unflatten(treedef, mask)
 
 
