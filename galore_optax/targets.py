@@ -31,7 +31,7 @@ A spec (``target_modules``) is:
 
 Anything else (a tuple, a number, a list holding a non-string) raises a
 ``TypeError``, as in Hugging Face, and a selection that matches no eligible
-leaf raises a ``ValueError`` ("no target modules found").
+leaf raises a ``ValueError`` ("No target modules found").
 
 Differences from Hugging Face that remain: ``None`` and bare matrices (no
 counterpart there); Flax ``Conv`` kernels are ``kernel`` leaves and can be
@@ -40,8 +40,10 @@ which Flax models write as ``Dense``); a spec that matches non-linear
 modules is not logged as "matched but ignored", but the error for an empty
 selection names them; a malformed regex or an empty list raises
 ``ValueError`` when the optimizer is built rather than at the first match;
-a layer stacked as one ``(L, m, n)`` leaf has one module name for all its
-layers, so ``"layers.0"`` cannot select a single layer of a stack.
+a tied output head has no leaf in Flax, so ``["lm_head"]`` raises where
+Hugging Face selects the module and then projects no parameter; a layer
+stacked as one ``(L, m, n)`` leaf has one module name for all its layers,
+so ``"layers.0"`` cannot select a single layer of a stack.
 
 References:
   Hugging Face ``transformers``: ``TrainingArguments.optim_target_modules``,
