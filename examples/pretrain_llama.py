@@ -190,10 +190,13 @@ def make_optimizer(name: str, schedule: optax.Schedule, args: Any,
   kwargs = {k: v for k, v in wanted.items() if k in accepted}
   galore = base in galore_optax.names.GALORE_NAMES
   if galore and targets is None:
-    targets = ".*"  # every leaf with two or more dimensions
+    # 'all': every leaf with two or more dimensions, embeddings included.
+    targets = ".*"
+    kwargs["any_matrix"] = True
   if galore:
     # A selection that matches no matrix raises now, not inside tx.init.
-    galore_optax.target_mask(params, targets)
+    galore_optax.target_mask(params, targets,
+                             any_matrix=kwargs.get("any_matrix", False))
   return galore_optax.create_optimizer(
       base, schedule, target_modules=targets if galore else None,
       weight_decay=args.weight_decay, **kwargs)
@@ -469,7 +472,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--weight-modules", type=cli.target_modules_spec,
                  default=None,
                  help="which matrices --weights int8 stores in int8 (same "
-                 "syntax as --target-modules; default: the same selection)")
+                 "syntax as --target-modules, embeddings allowed; default: "
+                 "the same selection)")
   g.add_argument("--scan-layers", action="store_true",
                  help="stack the decoder layers and scan over them")
 
@@ -494,8 +498,10 @@ def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
                  "smaller; left, right or full (both)")
   g.add_argument("--target-modules", type=cli.target_modules_spec,
                  default="attn,mlp",
-                 help="comma-separated names/substrings/regexes; 're:REGEX' "
-                 "for one full-match regex; 'all-linear'; 'all'")
+                 help="linear layers to project, by module name: comma-"
+                 "separated names/substrings/regexes; 're:REGEX' for one "
+                 "full-match regex; 'all-linear'; 'all' (every matrix, "
+                 "embeddings included)")
   g.add_argument("--projector-method", default="svd",
                  choices=galore_optax.PROJECTOR_METHODS,
                  help="how a refresh computes the projector: exact SVD or a "

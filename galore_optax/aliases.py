@@ -119,6 +119,7 @@ def _galore_chain(
     *tail: optax.GradientTransformation,
     alias: str,
     target_modules: targets.TargetModules,
+    any_matrix: bool,
     options: GaLoreOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """Targets get ``galore_project(inner)``, other leaves ``inner`` itself.
@@ -132,6 +133,7 @@ def _galore_chain(
     *tail: transformations applied after the partition, to every leaf.
     alias: the alias' name, for error messages.
     target_modules: which leaves are projected (``galore_optax.targets``).
+    any_matrix: let ``target_modules`` select non-linear matrices too.
     options: the alias' ``GaLoreOptions``, given to ``galore_project``.
 
   Returns:
@@ -147,7 +149,7 @@ def _galore_chain(
               targets.GALORE_LABEL: galore_project(make_inner(), **options),
               targets.FULL_RANK_LABEL: make_inner(),
           },
-          targets.galore_labels(target_modules),
+          targets.galore_labels(target_modules, any_matrix=any_matrix),
       ),
       *tail,
   )
@@ -179,7 +181,7 @@ def _galore_adam(
     adam: Callable[[], optax.GradientTransformation],
     learning_rate: optax.ScalarOrSchedule, weight_decay: float,
     weight_decay_mask: Any, target_modules: targets.TargetModules,
-    alias: str, options: GaLoreOptions,
+    any_matrix: bool, alias: str, options: GaLoreOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """``galore_adamw`` and its 8-bit twin: ``adam`` with AdamW's tail.
 
@@ -189,6 +191,7 @@ def _galore_adam(
     weight_decay: decoupled weight decay rate.
     weight_decay_mask: optional mask or mask function for the decay.
     target_modules: which leaves are projected.
+    any_matrix: let ``target_modules`` select non-linear matrices too.
     alias: the alias' name, for error messages.
     options: the alias' ``GaLoreOptions``.
 
@@ -198,7 +201,8 @@ def _galore_adam(
   return _galore_chain(
       adam, optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
-      target_modules=target_modules, alias=alias, options=options)
+      target_modules=target_modules, any_matrix=any_matrix, alias=alias,
+      options=options)
 
 
 @_lists_galore_options
@@ -206,6 +210,7 @@ def galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
     target_modules: targets.TargetModules = None,
+    any_matrix: bool = False,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -229,8 +234,11 @@ def galore_adamw(
 
   Args:
     learning_rate: a float or an optax schedule.
-    target_modules: which leaves are projected; ``None`` means every leaf
-      with two or more dimensions.
+    target_modules: which linear weights are projected, by module name, as
+      Hugging Face's ``optim_target_modules`` (``galore_optax.targets``);
+      ``None`` means every leaf with two or more dimensions.
+    any_matrix: let ``target_modules`` also select the matched leaves with
+      two or more dimensions that are not linear weights (embeddings).
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon, added to the root of the second moment.
@@ -250,7 +258,8 @@ def galore_adamw(
   check_float_dtype("mu_dtype", mu_dtype, allow_none=True)
   adam = lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
   return _galore_adam(adam, learning_rate, weight_decay, weight_decay_mask,
-                      target_modules, "galore_adamw", galore_options)
+                      target_modules, any_matrix, "galore_adamw",
+                      galore_options)
 
 
 def _lr_scaled_weight_decay(
@@ -269,6 +278,7 @@ def galore_adafactor(
     learning_rate: optax.ScalarOrSchedule,
     *,
     target_modules: targets.TargetModules = None,
+    any_matrix: bool = False,
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
     beta1: float | None = None,
@@ -297,8 +307,11 @@ def galore_adafactor(
   Args:
     learning_rate: a float or an optax schedule, applied inside Adafactor
       (before its first-moment average and the back-projection).
-    target_modules: which leaves are projected; ``None`` means every leaf
-      with two or more dimensions.
+    target_modules: which linear weights are projected, by module name, as
+      Hugging Face's ``optim_target_modules`` (``galore_optax.targets``);
+      ``None`` means every leaf with two or more dimensions.
+    any_matrix: let ``target_modules`` also select the matched leaves with
+      two or more dimensions that are not linear weights (embeddings).
     weight_decay: decay rate, multiplied by the learning rate.
     weight_decay_mask: optional mask or mask function for the decay.
     beta1: first-moment decay, or ``None`` (the default) for none.
@@ -329,6 +342,7 @@ def galore_adafactor(
           weight_decay_mask),
       optax.scale(-1.0),  # scale_by_adafactor's update is not negated
       target_modules=target_modules,
+      any_matrix=any_matrix,
       alias="galore_adafactor",
       options=galore_options,
   )
@@ -346,6 +360,7 @@ def galore_adamw_8bit(
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
     target_modules: targets.TargetModules = None,
+    any_matrix: bool = False,
     **galore_options: Unpack[GaLoreOptions],
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore AdamW with 8-bit moments: ``galore_adamw`` + ``adamw_8bit``.
@@ -365,8 +380,11 @@ def galore_adamw_8bit(
     eps: Adam's epsilon.
     weight_decay: decoupled weight decay rate.
     weight_decay_mask: optional mask or mask function for the decay.
-    target_modules: which leaves are projected; ``None`` means every leaf
-      with two or more dimensions.
+    target_modules: which linear weights are projected, by module name, as
+      Hugging Face's ``optim_target_modules`` (``galore_optax.targets``);
+      ``None`` means every leaf with two or more dimensions.
+    any_matrix: let ``target_modules`` also select the matched leaves with
+      two or more dimensions that are not linear weights (embeddings).
     **galore_options: ``GaLoreOptions`` for ``galore_project`` (``rank``,
       ``update_proj_gap``, ``scale``, ``proj_type``, ...).
 
@@ -382,8 +400,8 @@ def galore_adamw_8bit(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps), block_size=block_size,
       min_size=min_size)
   return _galore_adam(adam_8bit, learning_rate, weight_decay,
-                      weight_decay_mask, target_modules, "galore_adamw_8bit",
-                      galore_options)
+                      weight_decay_mask, target_modules, any_matrix,
+                      "galore_adamw_8bit", galore_options)
 
 
 def adamw_8bit(

@@ -161,9 +161,9 @@ def parse_target_modules(spec: str | None) -> targets.TargetModules:
   Args:
     spec: a comma-separated list of names/substrings/regexes
       (``"attn,mlp"``); ``"re:REGEX"`` for a single regex that must match
-      the whole name (Hugging Face's single-string semantics);
-      ``"all-linear"`` for every dense kernel; ``"all"`` (or ``None``) for
-      every leaf with two or more dimensions.
+      the whole module name (Hugging Face's single-string semantics);
+      ``"all-linear"`` for every linear weight; ``"all"`` (or ``None``) for
+      every leaf with two or more dimensions, embeddings included.
 
   Returns:
     ``None``, a string or a list of strings.

@@ -76,8 +76,8 @@ def matrix_views(matrix_axes: MatrixAxes | None, names: list[str],
   """Per leaf, its ``MatrixView`` from the first matching rule, or None.
 
   Args:
-    matrix_axes: ``{name: (row_axes, col_axes)}``; names match as one
-      ``target_modules`` entry (equal, substring or full regex) and the
+    matrix_axes: ``{name: (row_axes, col_axes)}``; module names match as
+      one ``target_modules`` entry (equal, substring or full regex) and the
       first matching key wins.
     names: the leaves' dotted path names.
     leaves: the leaves (anything with a ``shape``).

@@ -384,9 +384,9 @@ def build_parser() -> cli.ArgumentParser:
                  " hidden_size // 4 for a --config model)")
   p.add_argument("--target-modules", type=cli.target_modules_spec,
                  default="attn,mlp",
-                 help="the projected matrices: comma-separated names/"
-                 "substrings/regexes; 're:REGEX' for one full-match regex; "
-                 "'all-linear'; 'all'")
+                 help="the projected linear layers, by module name: comma-"
+                 "separated names/substrings/regexes; 're:REGEX' for one "
+                 "full-match regex; 'all-linear'; 'all' (every matrix)")
   p.add_argument("--param-dtype", "--dtypes", dest="param_dtypes",
                  type=cli.comma_list(PARAM_DTYPES), default="bfloat16,float32",
                  metavar="LIST",

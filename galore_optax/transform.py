@@ -234,7 +234,7 @@ def galore_project(
       is not their last two axes, e.g. an attention kernel stored as
       ``(d_model, heads, head_dim)``: ``{"q_proj": ([0], [1, 2])}`` projects
       the ``d_model x (heads * head_dim)`` matrix; any other axes are batch
-      axes (one projector per matrix). Names match as one
+      axes (one projector per matrix). Module names match as one
       ``target_modules`` entry (equal, substring or full regex); the first
       matching key wins; a key that matches no leaf raises at ``init``.
     seed: seed of the randomized method's random test matrices, which are

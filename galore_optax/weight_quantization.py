@@ -300,13 +300,16 @@ def quantize_params(
     params: optax.Params,
     target_modules: targets.TargetModules = "all-linear",
     *,
+    any_matrix: bool = True,
     group_size: int | None = 256,
     min_size: int = 4096,
 ) -> optax.Params:
   """Stores the selected large matrices of ``params`` as ``QuantizedWeight``.
 
   Selection is GaLore's (``galore_optax.targets``): leaves with two or more
-  dimensions whose name matches ``target_modules``; of those, leaves with
+  dimensions whose module name matches ``target_modules``, embedding tables
+  included unless ``any_matrix=False`` (int8 storage suits any matrix, while
+  GaLore projects only linear weights by default); of those, leaves with
   fewer than ``min_size`` elements stay as they are, and so do norms, biases
   and every other leaf. Rounds to nearest.
 
@@ -314,6 +317,8 @@ def quantize_params(
     params: a parameter tree.
     target_modules: the selection (``"all-linear"``: every dense kernel;
       add ``"embed"`` in a list to include embedding tables).
+    any_matrix: let ``target_modules`` select matrices that are not linear
+      weights (``targets.target_mask``); ``"all-linear"`` ignores it.
     group_size: values of the last axis per scale.
     min_size: smaller selected leaves stay in floating point.
 
@@ -330,7 +335,7 @@ def quantize_params(
   min_size = check_positive_int(
       "min_size", min_size,
       hint="Selected leaves with fewer elements stay in floating point.")
-  mask = targets.target_mask(params, target_modules)
+  mask = targets.target_mask(params, target_modules, any_matrix=any_matrix)
 
   def maybe_quantize(leaf, selected):
     if (selected and jnp.issubdtype(leaf.dtype, jnp.floating) and

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+import galore_optax
 from examples import llama
 from examples import pretrain_llama
 
@@ -313,3 +314,27 @@ def test_cli_parsing():
   assert args.optimizer == "galore_adamw" and args.model == "tiny"
   assert args.out_dir == os.path.join("runs", "galore_adamw-tiny")
   assert pretrain_llama.parse_args(["--optimizer", "adamw"]).lr == 3e-3
+
+
+def test_target_flags_select_linear_layers_or_every_matrix():
+  # Abstract shapes only. Default "attn,mlp": the attention and MLP kernels
+  # (Hugging Face semantics); "all": every matrix, embedding included.
+  params = llama.get_params(llama.abstract_model(llama.get_config("60m")))
+  schedule = pretrain_llama.make_schedule(pretrain_llama.parse_args([]))
+
+  def projected(*flags):
+    args = pretrain_llama.parse_args(["--rank", "8", *flags])
+    tx = pretrain_llama.make_optimizer("galore_adamw", schedule, args, params)
+    state = jax.eval_shape(tx.init, params)
+    found = [s for s in jax.tree.leaves(
+        state, is_leaf=lambda x: isinstance(x, galore_optax.GaLoreState))
+             if isinstance(s, galore_optax.GaLoreState)]
+    return sorted(found[0].projectors)
+
+  default = projected()
+  assert default and all(".self_attn." in n or ".mlp." in n for n in default)
+  assert len(default) == 7 * llama.get_config("60m").num_hidden_layers
+  every = projected("--target-modules", "all")
+  assert "model.embed_tokens.embedding" in every and "lm_head.kernel" in every
+  with pytest.raises(ValueError, match="No target modules found"):
+    projected("--target-modules", "embed_tokens")

@@ -189,7 +189,7 @@ def build_layout(paths_leaves: list[tuple[Any, Any]], treedef: Any,
   if options.per_layer is not None and not any(per):
     raise ValueError(
         f"per_layer={options.per_layer!r} matches no parameter. A string is "
-        "a regex that must match the whole name (use a list for "
+        "a regex that must match the whole module name (use a list for "
         f"substrings); some names: {names[:10]}.")
   anchor, opt_specs = _optimizer_specs(treedef, units, tx)
   lowrank, specs = _leaf_states(names, units, chunks, opt_specs, options)

@@ -105,10 +105,11 @@ def make_layerwise_step(
     accumulate_steps: micro-batches per update (``k``).
     accumulate_dtype: dtype of the accumulators.
     per_layer: stacked leaves (leading layer axis) to update one layer at a
-      time inside ``scan_layers``: a regex that must match the whole leaf
-      name, a list of names/substrings/regexes (as ``target_modules``), or
-      a predicate on names. Their states are built per layer slice.
-    row_chunks: ``{name: k}`` (names matched as one ``target_modules``
+      time inside ``scan_layers``: a regex that must match the whole module
+      name, a list of names/substrings/regexes (as ``target_modules``: module
+      names), or a predicate on leaf names. Their states are built per layer
+      slice.
+    row_chunks: ``{name: k}`` (module names matched as one ``target_modules``
       entry: equal, substring or regex): update these leaves ``k`` blocks of
       rows at a time, in a loop, so the optimizer's temporaries (e.g. 8-bit
       Adam's dequantised moments) exist for one block at a time. Each block
