@@ -7,6 +7,7 @@ from collections.abc import Collection
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -39,6 +40,26 @@ def check_positive_int(name: str, value: Any, *, hint: str = "") -> int:
     raise ValueError(f"{name} must be a positive integer, got {value}. {hint}"
                      .rstrip())
   return int(value)
+
+
+def check_floating_dtype(name: str, dtype: Any) -> np.dtype:
+  """Returns ``dtype`` as a NumPy dtype if floating, else raises ValueError.
+
+  Args:
+    name: the argument's name, for the message.
+    dtype: the value given.
+
+  Returns:
+    The dtype.
+  """
+  try:
+    canonical = jnp.dtype(dtype)
+  except TypeError:
+    canonical = None
+  if canonical is None or not jnp.issubdtype(canonical, jnp.floating):
+    raise ValueError(f"{name} must be a floating dtype such as jnp.float32, "
+                     f"got {dtype!r}.")
+  return canonical
 
 
 def check_choice(name: str, value: Any, choices: Collection[str]) -> str:

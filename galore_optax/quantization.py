@@ -190,6 +190,12 @@ def _concrete_code(code: Any) -> np.ndarray | None:
   return code_np
 
 
+def _code_map(code: Any) -> Any:
+  """The validated map: NumPy float32 if concrete, else a float32 jax array."""
+  code_np = _concrete_code(code)
+  return code_np if code_np is not None else jnp.asarray(code, jnp.float32)
+
+
 # In a block holding a non-finite value (marked by the sign bit of its
 # absmax), the codes this far above the code of 0 stand for +inf, -inf, NaN.
 # On both dynamic maps they are the codes of values below 1e-5 (relative).
@@ -377,7 +383,7 @@ def quantize_blockwise(
   """
   block_size = check_positive_int("block_size", block_size,
                                   hint=_BLOCK_SIZE_HINT)
-  _concrete_code(code)  # fail early on a malformed map
+  code = _code_map(code)  # fails early on a malformed map
   x = jnp.asarray(x)
   shape = x.shape
   nb = _num_blocks(x.size, block_size)
@@ -387,8 +393,6 @@ def quantize_blockwise(
         f" values of x with shape {shape}; got {absmax.shape}.")
   if x.size == 0:
     return jnp.zeros(shape, jnp.uint8), jnp.zeros((0,), jnp.float32)
-  code_np = _concrete_code(code)
-  code = code_np if code_np is not None else jnp.asarray(code, jnp.float32)
   blocks = _float_blocks(x, block_size)
   if absmax is None:
     absmax = _block_scales(blocks)
@@ -443,8 +447,7 @@ def dequantize_blockwise(
         " Was it quantised with another block_size?")
   if codes.size == 0:
     return jnp.zeros(codes.shape, dtype)
-  code_np = _concrete_code(code)
-  code = code_np if code_np is not None else jnp.asarray(code, jnp.float32)
+  code = _code_map(code)
   flat_codes = codes.reshape(-1)
   absmax = absmax.astype(jnp.float32)[:, None]
   values = jnp.asarray(code)[flat_codes.astype(jnp.int32)]

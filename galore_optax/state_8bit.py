@@ -17,10 +17,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 import optax
 
 from galore_optax import quantization
 from galore_optax import state_fields
+from galore_optax._checks import check_floating_dtype
 from galore_optax._checks import check_positive_int
 
 KeyPath = state_fields.KeyPath
@@ -129,6 +131,7 @@ def quantize_state_8bit(
     block_size: int = 256,
     min_size: int = 4096,
     unsigned: Callable[[KeyPath], bool] | None = None,
+    update_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Stores the large floating-point leaves of ``inner``'s state in 8 bits.
 
@@ -144,8 +147,9 @@ def quantize_state_8bit(
   runs ``inner.update`` (forwarding extra arguments), and quantises the new
   state with new absmax values. The returned update is ``inner``'s, computed
   from its unquantised new state, as bitsandbytes' 8-bit optimizers do, in
-  the dtype of the incoming updates (the float32 state would otherwise make
-  a bfloat16 or float16 update float32). The state's shapes and dtypes never
+  ``update_dtype`` (by default the incoming updates' dtype, as ``inner``
+  with its own bfloat16 or float16 state would return; the float32 state
+  would otherwise make them float32). The state's shapes and dtypes never
   change, so steps jit once. NaN and infinities in the state stay where they
   are, without spoiling the other values of their block (see
   ``galore_optax.quantization``).
@@ -193,6 +197,11 @@ def quantize_state_8bit(
       stored as 0. Defaults to ``state_fields.is_second_moment``: the ``nu``
       fields of optax's states and ``v_row``/``v_col``/``v`` of the factored
       (Adafactor) states.
+    update_dtype: dtype of the returned (floating) updates, or None for the
+      incoming updates' dtype. The 8-bit aliases ask for float32 and cast
+      after the learning rate: before it, 8-bit Adam's update exceeds
+      float16's range where a small second moment decodes to 0 (``mu / eps``
+      is ~1e5).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -200,7 +209,8 @@ def quantize_state_8bit(
 
   Raises:
     ValueError: if ``block_size`` is not a power of two from 8 to 2**24,
-      ``min_size`` is not a positive integer or ``unsigned`` is not callable;
+      ``min_size`` is not a positive integer, ``unsigned`` is not callable
+      or ``update_dtype`` is not None or a floating dtype;
       at ``update``, if the state was made with another ``block_size``.
 
   References:
@@ -214,6 +224,8 @@ def quantize_state_8bit(
   if unsigned is not None and not callable(unsigned):
     raise ValueError(
         f"unsigned must be None or a callable path -> bool, got {unsigned!r}.")
+  if update_dtype is not None:
+    update_dtype = check_floating_dtype("update_dtype", update_dtype)
   inner = optax.with_extra_args_support(inner)
 
   def signed_map(state: optax.OptState, path: KeyPath) -> bool:
@@ -292,7 +304,12 @@ def quantize_state_8bit(
 
     new_stored = jax.tree.map_with_path(requantize, stored, new_inner_state,
                                         for_max, for_codes, is_leaf=_is_ours)
-    return (optax.tree_utils.tree_cast_like(updates_out, updates),
-            QuantizedState(new_stored))
+    if update_dtype is None:
+      updates_out = optax.tree_utils.tree_cast_like(updates_out, updates)
+    else:
+      updates_out = jax.tree.map(
+          lambda u: u.astype(update_dtype)
+          if jnp.issubdtype(u.dtype, jnp.floating) else u, updates_out)
+    return updates_out, QuantizedState(new_stored)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -543,3 +543,15 @@ def test_updates_keep_the_incoming_dtype():
   assert {k: u.dtype for k, u in updates.items()} == {
       "big": jnp.bfloat16, "small": jnp.bfloat16}
   np.testing.assert_array_equal(np.asarray(updates["big"], np.float32), 1.0)
+
+
+def test_update_dtype_float32_and_bad_update_dtype():
+  tx = quantize_state_8bit(optax.scale_by_adam(), min_size=64,
+                           update_dtype=jnp.float32)
+  params = {"big": jnp.zeros((64, 8), jnp.float16)}
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params),
+                                  tx.init(params))
+  assert updates["big"].dtype == jnp.float32
+  for bad in ("int8", "nonsense", 3):
+    with pytest.raises(ValueError, match="update_dtype must be a floating"):
+      quantize_state_8bit(optax.scale_by_adam(), update_dtype=bad)
