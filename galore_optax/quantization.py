@@ -5,9 +5,10 @@ consecutive values (blocks run across rows; the last block may be partial;
 an array smaller than one block is one block of its own size, which decodes
 the same values without padding it to ``block_size``). Each block is divided
 by its largest magnitude (``absmax``, kept in float32) and every normalised
-value is stored as the uint8 index of the nearest of 256 code values. The dynamic map spends its codes on a logarithmic grid (7
-decades below 1), so small values keep a relative, not absolute, precision;
-that is what keeps Adam's second moment and ``m / sqrt(v)`` usable in 8 bits.
+value is stored as the uint8 index of the nearest of 256 code values. The
+dynamic map spends its codes on a logarithmic grid (7 decades below 1), so
+small values keep a relative, not absolute, precision; that is what keeps
+Adam's second moment and ``m / sqrt(v)`` usable in 8 bits.
 
 This follows bitsandbytes' block-wise scheme: the code maps are identical to
 ``bitsandbytes.functional.create_dynamic_map`` bit for bit, the block

@@ -125,6 +125,17 @@ def _repeatable(jaxpr: Any) -> bool:
   return True
 
 
+def _in_dtype(new_updates: optax.Updates, updates: optax.Updates,
+              update_dtype: Any) -> optax.Updates:
+  """Floating ``new_updates`` in ``update_dtype``, or if None, in the dtypes
+  of the incoming ``updates``."""
+  if update_dtype is None:
+    return optax.tree_utils.tree_cast_like(new_updates, updates)
+  return jax.tree.map(
+      lambda u: u.astype(update_dtype)
+      if jnp.issubdtype(u.dtype, jnp.floating) else u, new_updates)
+
+
 def quantize_state_8bit(
     inner: optax.GradientTransformation,
     *,
@@ -304,12 +315,7 @@ def quantize_state_8bit(
 
     new_stored = jax.tree.map_with_path(requantize, stored, new_inner_state,
                                         for_max, for_codes, is_leaf=_is_ours)
-    if update_dtype is None:
-      updates_out = optax.tree_utils.tree_cast_like(updates_out, updates)
-    else:
-      updates_out = jax.tree.map(
-          lambda u: u.astype(update_dtype)
-          if jnp.issubdtype(u.dtype, jnp.floating) else u, updates_out)
-    return updates_out, QuantizedState(new_stored)
+    return (_in_dtype(updates_out, updates, update_dtype),
+            QuantizedState(new_stored))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
