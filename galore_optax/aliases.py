@@ -15,6 +15,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypedDict, TypeVar
 
+import jax.numpy as jnp
 import optax
 from typing_extensions import Unpack
 
@@ -175,6 +176,31 @@ def check_adam_arguments(learning_rate: Any, b1: Any, b2: Any, eps: Any,
                           high_inclusive=False)
   check_number_in_range("eps", eps, low=0.0)
   check_number_in_range("weight_decay", weight_decay, low=0.0)
+
+
+def _in_incoming_dtypes(
+    tx: optax.GradientTransformationExtraArgs,
+) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose updates come back in the incoming updates' dtypes.
+
+  The 8-bit aliases compute their updates in float32 (their states
+  dequantise to float32) and cast them here, after the learning rate: a
+  bfloat16 or float16 parameter gets an update of its own dtype, and 8-bit
+  Adam's update before the learning rate (up to ``mu / eps``) never has to
+  fit in float16. The state is ``tx``'s.
+
+  Args:
+    tx: the whole optimizer.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, state = tx.update(updates, state, params, **extra_args)
+    return optax.tree_utils.tree_cast_like(new_updates, updates), state
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def _galore_adam(
@@ -369,11 +395,13 @@ def galore_adamw_8bit(
   the low-rank moments are stored in 8 bits when the *projected* leaf has at
   least ``min_size`` elements, as ``galore_torch.GaLoreAdamW8bit`` does.
   Other leaves run 8-bit AdamW at full size. ``projector_dtype="int8"``
-  also stores the projectors in 8 bits.
+  also stores the projectors in 8 bits. Full-size updates are computed in
+  float32 and returned in the gradients' dtype.
 
   Args:
     learning_rate: a float or an optax schedule.
-    block_size: values per float32 scale of the 8-bit states.
+    block_size: values per float32 scale of the 8-bit states, a power of
+      two from 8 to 2**24.
     min_size: smaller state leaves stay float32.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
@@ -398,10 +426,10 @@ def galore_adamw_8bit(
   check_adam_arguments(learning_rate, b1, b2, eps, weight_decay)
   adam_8bit = lambda: quantize_state_8bit(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps), block_size=block_size,
-      min_size=min_size)
-  return _galore_adam(adam_8bit, learning_rate, weight_decay,
-                      weight_decay_mask, target_modules, any_matrix,
-                      "galore_adamw_8bit", galore_options)
+      min_size=min_size, update_dtype=jnp.float32)
+  return _in_incoming_dtypes(_galore_adam(
+      adam_8bit, learning_rate, weight_decay, weight_decay_mask,
+      target_modules, any_matrix, "galore_adamw_8bit", galore_options))
 
 
 def adamw_8bit(
@@ -419,7 +447,8 @@ def adamw_8bit(
 
   Moments of leaves with at least ``min_size`` elements are stored as 8-bit
   codes on bitsandbytes' dynamic maps (signed for the first moment, unsigned
-  for the second) with one float32 scale per ``block_size`` values.
+  for the second) with one float32 scale per ``block_size`` values. Updates
+  are computed in float32 and returned in the gradients' dtype.
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -428,7 +457,7 @@ def adamw_8bit(
     eps: Adam's epsilon.
     weight_decay: decoupled weight decay rate.
     weight_decay_mask: optional mask or mask function for the decay.
-    block_size: values per float32 scale.
+    block_size: values per float32 scale, a power of two from 8 to 2**24.
     min_size: smaller state leaves stay float32.
 
   Returns:
@@ -439,9 +468,10 @@ def adamw_8bit(
     2022, arXiv 2110.02861.
   """
   check_adam_arguments(learning_rate, b1, b2, eps, weight_decay)
-  return optax.chain(
+  return _in_incoming_dtypes(optax.chain(
       quantize_state_8bit(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-                          block_size=block_size, min_size=min_size),
+                          block_size=block_size, min_size=min_size,
+                          update_dtype=jnp.float32),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
-  )
+  ))

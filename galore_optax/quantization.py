@@ -1,12 +1,14 @@
 """Block-wise 8-bit quantisation with the dynamic (exponent) code map.
 
 An array is flattened row-major and cut into blocks of ``block_size``
-consecutive values (blocks run across rows; the last block may be partial).
-Each block is divided by its largest magnitude (``absmax``, kept in float32)
-and every normalised value is stored as the uint8 index of the nearest of 256
-code values. The dynamic map spends its codes on a logarithmic grid (7
-decades below 1), so small values keep a relative, not absolute, precision;
-that is what keeps Adam's second moment and ``m / sqrt(v)`` usable in 8 bits.
+consecutive values (blocks run across rows; the last block may be partial;
+an array smaller than one block is one block of its own size, which decodes
+the same values without padding it to ``block_size``). Each block is divided
+by its largest magnitude (``absmax``, kept in float32) and every normalised
+value is stored as the uint8 index of the nearest of 256 code values. The
+dynamic map spends its codes on a logarithmic grid (7 decades below 1), so
+small values keep a relative, not absolute, precision; that is what keeps
+Adam's second moment and ``m / sqrt(v)`` usable in 8 bits.
 
 This follows bitsandbytes' block-wise scheme: the code maps are identical to
 ``bitsandbytes.functional.create_dynamic_map`` bit for bit, the block
@@ -18,6 +20,31 @@ there, ours being the nearer ones.
 
 Leading (batch) dimensions are part of the flattened array: a ``(k, m, n)``
 array is quantised exactly like its ``(k * m * n,)`` flattening.
+
+Non-finite values, per entry (blocks without one are coded as above, bit for
+bit as bitsandbytes does):
+
+* NaN, +inf and -inf are stored exactly and decode to themselves, whatever
+  the map (the unsigned map, which stores finite negative values as 0, keeps
+  -inf too). A value that overflowed before it got here (Adam's ``g**2`` for
+  a float32 gradient beyond ~1.8e19, or a float64 value beyond the float32
+  range, which becomes +-inf when cast) is such an infinity.
+* They do not count in their block's ``absmax``: it is the largest *finite*
+  magnitude of the block (0 if there is none), so the block's finite values
+  are scaled as they would be without the non-finite ones. The block's stored
+  ``absmax`` has its sign bit set (``-absmax``; ``-0.0`` when 0) to mark it.
+* In a marked block the three codes just above the code of 0 (the map's
+  smallest non-negative value) stand for +inf, -inf and NaN. Finite values
+  whose nearest code is one of them take the nearer of the codes around the
+  three instead: on the dynamic maps that moves values below about 2e-5 of
+  the block maximum by at most that much. Every other finite value gets the
+  code it would get without the non-finite values in the block.
+* Finite values never overflow: normalised values lie in [-1, 1] and decode
+  to at most the block maximum. A huge finite value is the block maximum and
+  the small values of its block lose their relative precision (values below
+  ~1e-7 of it decode to 0), as in any block-wise format.
+
+Neighbouring blocks never depend on each other.
 
 References:
   Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022,
@@ -52,7 +79,8 @@ class QuantizedArray(NamedTuple):
   Attributes:
     codes: uint8 array with the original array's shape.
     absmax: float32 array of shape ``(ceil(size / block_size),)``, the largest
-      magnitude in each block.
+      finite magnitude in each block, negated (sign bit set) for a block that
+      holds NaN or an infinity (see the module docstring).
   """
 
   codes: jax.Array
@@ -155,7 +183,84 @@ def _concrete_code(code: Any) -> np.ndarray | None:
                      f" {code_np.shape}.")
   if np.any(np.diff(code_np) < 0):
     raise ValueError("code must be sorted in ascending order.")
+  if _zero_code(code_np) + _NON_FINITE_CODES + 1 >= code_np.size:
+    raise ValueError(
+        f"code must have at least {_NON_FINITE_CODES + 1} values above its"
+        " smallest non-negative one: in a block holding NaN or an infinity,"
+        f" the {_NON_FINITE_CODES} just above it code those values.")
   return code_np
+
+
+def _code_map(code: Any) -> Any:
+  """The validated map: NumPy float32 if concrete, else a float32 jax array."""
+  code_np = _concrete_code(code)
+  return code_np if code_np is not None else jnp.asarray(code, jnp.float32)
+
+
+# In a block holding a non-finite value (marked by the sign bit of its
+# absmax), the codes this far above the code of 0 stand for +inf, -inf, NaN.
+# On both dynamic maps they are the codes of values below 1e-5 (relative).
+_POS_INF_CODE, _NEG_INF_CODE, _NAN_CODE = 1, 2, 3
+_NON_FINITE_CODES = 3
+
+
+def _zero_code(code: Any) -> Any:
+  """Index of the map's smallest non-negative value (of 0 in both dynamic
+  maps): an int for a NumPy map, a traced scalar otherwise."""
+  if isinstance(code, np.ndarray):
+    return int(np.searchsorted(code, np.float32(0.0), side="left"))
+  return jnp.searchsorted(code, jnp.float32(0.0), side="left")
+
+
+def _code_non_finite(idx: jax.Array, scaled: jax.Array, marked: jax.Array,
+                     code: Any) -> jax.Array:
+  """Nearest-code indices with a marked block's non-finite values coded.
+
+  Args:
+    idx: ``(blocks, block)`` nearest-code indices of the scaled values.
+    scaled: the values divided by their block's finite maximum (before
+      clipping: NaN and the infinities stay what they were).
+    marked: ``(blocks, 1)``: whether the block holds a non-finite value.
+    code: the map (NumPy if concrete, else a float32 jax array).
+
+  Returns:
+    ``idx`` where every value is finite; elsewhere the special codes, and
+    finite values of marked blocks kept off them (see the module docstring).
+  """
+  zero = _zero_code(code)
+  below, above = zero, zero + _NON_FINITE_CODES + 1
+  # The same float32 midpoint as the nearest-code search's, ties going down.
+  midpoint = (code[below] + code[above]) / np.float32(2)
+  on_special = marked & (idx > below) & (idx < above)
+  idx = jnp.where(on_special, jnp.where(scaled <= midpoint, below, above),
+                  idx)
+  special = jnp.where(jnp.isnan(scaled), zero + _NAN_CODE,
+                      jnp.where(scaled > 0, zero + _POS_INF_CODE,
+                                zero + _NEG_INF_CODE))
+  return jnp.where(jnp.isfinite(scaled), idx, special)
+
+
+def _decode_non_finite(values: jax.Array, codes: jax.Array,
+                       marked: jax.Array, code: Any) -> jax.Array:
+  """``values`` with the special codes of marked blocks decoded.
+
+  Args:
+    values: ``(blocks, block)`` decoded values (``map[code] * absmax``).
+    codes: the ``(blocks, block)`` uint8 codes.
+    marked: ``(blocks, 1)``: whether the block holds a non-finite value.
+    code: the map (NumPy if concrete, else a float32 jax array).
+
+  Returns:
+    ``values`` with NaN and the infinities restored.
+  """
+  # Compared as uint8: an int32 copy of the codes, shared with the lookup,
+  # would be written out.
+  zero = _zero_code(code)
+  is_code = lambda offset: marked & (codes == jnp.asarray(zero + offset,
+                                                          jnp.uint8))
+  values = jnp.where(is_code(_POS_INF_CODE), jnp.inf, values)
+  values = jnp.where(is_code(_NEG_INF_CODE), -jnp.inf, values)
+  return jnp.where(is_code(_NAN_CODE), jnp.nan, values)
 
 
 def _nearest_code(normed: jax.Array, code: jax.Array) -> jax.Array:
@@ -186,7 +291,12 @@ def _num_blocks(size: int, block_size: int) -> int:
 
 
 def _blocked(flat: jax.Array, block_size: int) -> jax.Array:
-  """Zero-pads a flat array to whole blocks and reshapes it to them."""
+  """Zero-pads a flat array to whole blocks and reshapes it to them.
+
+  An array smaller than one block is one block of its own size: its values
+  are the same, and the work scales with the data, not with ``block_size``.
+  """
+  block_size = max(min(block_size, flat.size), 1)
   nb = _num_blocks(flat.size, block_size)
   pad = nb * block_size - flat.size
   if pad:
@@ -194,9 +304,16 @@ def _blocked(flat: jax.Array, block_size: int) -> jax.Array:
   return flat.reshape(nb, block_size)
 
 
+def _block_scales(blocks: jax.Array) -> jax.Array:
+  """Each block's largest finite magnitude, negated if it holds NaN or inf."""
+  largest, marked = reductions.finite_abs_max(blocks, axis=1)
+  return jnp.where(marked, -largest, largest)
+
+
 def block_abs_max(x: jax.Array, block_size: int = 256) -> jax.Array:
-  """The float32 largest magnitude of each block of ``x`` (see the module
-  docstring for the blocks).
+  """The float32 largest finite magnitude of each block of ``x`` (see the
+  module docstring for the blocks), negated (sign bit set) for a block that
+  holds NaN or an infinity: the ``absmax`` that ``quantize_blockwise`` stores.
 
   Args:
     x: a floating-point array of any shape (computed in float32).
@@ -216,7 +333,7 @@ def block_abs_max(x: jax.Array, block_size: int = 256) -> jax.Array:
   x = jnp.asarray(x)
   if x.size == 0:
     return jnp.zeros((0,), jnp.float32)
-  return reductions.abs_max(_float_blocks(x, block_size), axis=1)
+  return _block_scales(_float_blocks(x, block_size))
 
 
 def _float_blocks(x: jax.Array, block_size: int) -> jax.Array:
@@ -246,24 +363,28 @@ def quantize_blockwise(
     block_size: number of consecutive (row-major) values per block.
     absmax: ``block_abs_max(x, block_size)`` if the caller has it already
       (e.g. computed from a recomputation of ``x``, so that ``x`` need not be
-      kept in memory between the two passes); computed here if None.
+      kept in memory between the two passes); computed here if None. Its
+      sign bits say which blocks hold NaN or an infinity.
 
   Returns:
     ``(codes, absmax)``: uint8 codes with ``x``'s shape and the float32
-    per-block maxima of ``|x|``, of shape ``(ceil(x.size / block_size),)``.
-    An all-zero block gets ``absmax == 0`` and the code of 0.
+    per-block finite maxima of ``|x|`` (negated for blocks holding NaN or an
+    infinity, see the module docstring), of shape
+    ``(ceil(x.size / block_size),)``. An all-zero block gets ``absmax == 0``
+    and the code of 0.
 
   Raises:
     ValueError: if ``block_size`` is not a positive int, ``code`` is not a
-      1-D map of 2 to 256 values sorted ascending, or ``absmax`` does not
-      have one entry per block.
+      1-D map of 2 to 256 values sorted ascending with at least four values
+      above its smallest non-negative one, or ``absmax`` does not have one
+      entry per block.
 
   References:
     Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization".
   """
   block_size = check_positive_int("block_size", block_size,
                                   hint=_BLOCK_SIZE_HINT)
-  _concrete_code(code)  # fail early on a malformed map
+  code = _code_map(code)  # fails early on a malformed map
   x = jnp.asarray(x)
   shape = x.shape
   nb = _num_blocks(x.size, block_size)
@@ -275,14 +396,17 @@ def quantize_blockwise(
     return jnp.zeros(shape, jnp.uint8), jnp.zeros((0,), jnp.float32)
   blocks = _float_blocks(x, block_size)
   if absmax is None:
-    absmax = reductions.abs_max(blocks, axis=1)
+    absmax = _block_scales(blocks)
   absmax = absmax.astype(jnp.float32)
+  scale = jnp.abs(absmax)
   # A zero block would divide 0 by 0; any divisor gives its values the code
   # of 0, and the stored absmax stays 0 so it dequantises to exact zeros.
-  safe = jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))
-  normed = jnp.clip(blocks / safe[:, None], -1.0, 1.0)
-  idx = _nearest_code(normed.reshape(-1), code)
-  codes = idx[:x.size].astype(jnp.uint8).reshape(shape)
+  safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+  scaled = blocks / safe[:, None]
+  normed = jnp.clip(scaled, -1.0, 1.0)
+  idx = _nearest_code(normed.reshape(-1), code).reshape(blocks.shape)
+  idx = _code_non_finite(idx, scaled, jnp.signbit(absmax)[:, None], code)
+  codes = idx.reshape(-1)[:x.size].astype(jnp.uint8).reshape(shape)
   return codes, absmax
 
 
@@ -293,7 +417,8 @@ def dequantize_blockwise(
     block_size: int = 256,
     dtype: DTypeLike = jnp.float32,
 ) -> jax.Array:
-  """Inverse of ``quantize_blockwise``: ``code[codes] * absmax[block]``.
+  """Inverse of ``quantize_blockwise``: ``code[codes] * absmax[block]``
+  (and NaN or an infinity where ``quantize_blockwise`` coded one).
 
   Args:
     codes: uint8 codes, any shape.
@@ -323,8 +448,13 @@ def dequantize_blockwise(
         " Was it quantised with another block_size?")
   if codes.size == 0:
     return jnp.zeros(codes.shape, dtype)
-  values = jnp.asarray(code, jnp.float32)[codes.reshape(-1).astype(jnp.int32)]
-  blocks = _blocked(values, block_size) * absmax.astype(jnp.float32)[:, None]
+  code = _code_map(code)
+  flat_codes = codes.reshape(-1)
+  absmax = absmax.astype(jnp.float32)[:, None]
+  values = jnp.asarray(code)[flat_codes.astype(jnp.int32)]
+  blocks = _blocked(values, block_size) * jnp.abs(absmax)
+  blocks = _decode_non_finite(blocks, _blocked(flat_codes, block_size),
+                              jnp.signbit(absmax), code)
   return blocks.reshape(-1)[:codes.size].reshape(codes.shape).astype(dtype)
 
 

@@ -49,6 +49,36 @@ def abs_max(x: jax.Array, axis: int) -> jax.Array:
   return jnp.maximum(x_max, -x_min)
 
 
+def finite_abs_max(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """The largest finite magnitude along ``axis``, and whether a value is not
+  finite, by one fusible reduction.
+
+  NaN and infinities do not count in the maximum, so one of them does not
+  hide the scale of the finite values beside it.
+
+  Args:
+    x: a floating-point array.
+    axis: the axis to reduce (negative counts from the end).
+
+  Returns:
+    ``(largest |x| among finite entries (+0 if none), any entry NaN or
+    infinite)``, two arrays of ``x``'s shape without ``axis``.
+  """
+  finite = jnp.isfinite(x)
+  magnitude = jnp.where(finite, jnp.abs(x), jnp.zeros((), x.dtype))
+  non_finite = jnp.where(finite, jnp.zeros((), x.dtype),
+                         jnp.ones((), x.dtype))
+  zero = np.array(0, x.dtype)
+  largest, flag = jax.lax.reduce((magnitude, non_finite), (zero, zero),
+                                 _max_max, (axis % x.ndim,))
+  return largest, flag > 0
+
+
+def _max_max(a: tuple[jax.Array, jax.Array],
+             b: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  return jnp.maximum(a[0], b[0]), jnp.maximum(a[1], b[1])
+
+
 def _max_min(a: tuple[jax.Array, jax.Array],
              b: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
   # Module level: one function object, so jax caches its traced reducer.

@@ -17,10 +17,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 import optax
 
 from galore_optax import quantization
 from galore_optax import state_fields
+from galore_optax._checks import check_float_dtype
 from galore_optax._checks import check_positive_int
 
 KeyPath = state_fields.KeyPath
@@ -51,6 +53,40 @@ class _QuantizedLeaf(quantization.QuantizedArray):
 
 def _is_ours(x: Any) -> bool:
   return isinstance(x, _QuantizedLeaf)
+
+
+# Block sizes of the state: powers of two, so that a leaf's number of blocks
+# determines its block size (a leaf smaller than a block is one block of its
+# own size, the same values for every larger block_size), and a state saved
+# with another block_size fails to restore or update instead of decoding
+# wrong values. bitsandbytes uses 64..4096.
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 2**24
+
+
+def check_block_size(block_size: Any) -> int:
+  """Returns ``block_size`` as an int, or raises a ValueError naming it.
+
+  Args:
+    block_size: values per float32 scale of an 8-bit state.
+
+  Returns:
+    The block size, a power of two from ``MIN_BLOCK_SIZE`` to
+    ``MAX_BLOCK_SIZE``.
+
+  Raises:
+    ValueError: for anything else.
+  """
+  hint = ("It is the number of values sharing one float32 absmax; "
+          "bitsandbytes' 8-bit optimizers use 256.")
+  block_size = check_positive_int("block_size", block_size, hint=hint)
+  if (block_size & (block_size - 1) or
+      not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE):
+    raise ValueError(
+        f"block_size must be a power of two from {MIN_BLOCK_SIZE} to "
+        f"{MAX_BLOCK_SIZE}, got {block_size}: then each state leaf's number of"
+        " blocks determines its block size, so a state saved with another "
+        f"block_size cannot be restored or updated by mistake. {hint}")
+  return block_size
 
 
 # Primitives whose work ``quantize_state_8bit`` will not repeat (see
@@ -89,12 +125,24 @@ def _repeatable(jaxpr: Any) -> bool:
   return True
 
 
+def _in_dtype(new_updates: optax.Updates, updates: optax.Updates,
+              update_dtype: Any) -> optax.Updates:
+  """Floating ``new_updates`` in ``update_dtype``, or if None, in the dtypes
+  of the incoming ``updates``."""
+  if update_dtype is None:
+    return optax.tree_utils.tree_cast_like(new_updates, updates)
+  return jax.tree.map(
+      lambda u: u.astype(update_dtype)
+      if jnp.issubdtype(u.dtype, jnp.floating) else u, new_updates)
+
+
 def quantize_state_8bit(
     inner: optax.GradientTransformation,
     *,
     block_size: int = 256,
     min_size: int = 4096,
     unsigned: Callable[[KeyPath], bool] | None = None,
+    update_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Stores the large floating-point leaves of ``inner``'s state in 8 bits.
 
@@ -109,8 +157,22 @@ def quantize_state_8bit(
   Each update dequantises the state (to float32) with its stored absmax,
   runs ``inner.update`` (forwarding extra arguments), and quantises the new
   state with new absmax values. The returned update is ``inner``'s, computed
-  from its unquantised new state, as bitsandbytes' 8-bit optimizers do. The
-  state's shapes and dtypes never change, so steps jit once.
+  from its unquantised new state, as bitsandbytes' 8-bit optimizers do, in
+  ``update_dtype`` (by default the incoming updates' dtype, as ``inner``
+  with its own bfloat16 or float16 state would return; the float32 state
+  would otherwise make them float32). The state's shapes and dtypes never
+  change, so steps jit once. NaN and infinities in the state stay where they
+  are, without spoiling the other values of their block (see
+  ``galore_optax.quantization``).
+
+  The state's shapes determine its block size: each quantised leaf keeps
+  ``ceil(size / block_size)`` float32 scales (one of its own size if the
+  leaf is smaller than a block), and since ``block_size`` is a power of two,
+  no two block sizes give a leaf the same number of blocks unless they
+  decode it identically. A state restored into an optimizer with another
+  ``block_size`` (or ``min_size``, which changes which leaves are quantised)
+  therefore fails: Orbax refuses the shapes or tree, and ``update`` raises
+  a ValueError naming the leaf.
 
   The new state is needed three times (the update, the new block maxima, the
   new codes). Where ``inner.update`` is cheap to repeat -- no products,
@@ -133,38 +195,48 @@ def quantize_state_8bit(
 
   Args:
     inner: the transformation whose state is stored in 8 bits.
-    block_size: values per absmax block (bitsandbytes' optimizers use 256).
+    block_size: values per absmax block (bitsandbytes' optimizers use 256),
+      a power of two from 8 to 2**24; a leaf smaller than a block is one
+      block of its own size, so cost follows the data.
     min_size: leaves with fewer elements keep their dtype (bitsandbytes'
       ``min_8bit_size``, 4096): for them the absmax overhead and the
-      quantisation error are not worth the saving.
+      quantisation error are not worth the saving. A positive integer; one
+      above every leaf's size quantises nothing.
     unsigned: ``unsigned(path) -> bool`` says whether the leaf at ``path``
       (a ``jax.tree_util`` key path into ``inner``'s state) is non-negative
       and should use the unsigned map. Negative values of such a leaf are
       stored as 0. Defaults to ``state_fields.is_second_moment``: the ``nu``
       fields of optax's states and ``v_row``/``v_col``/``v`` of the factored
       (Adafactor) states.
+    update_dtype: dtype of the returned (floating) updates, or None for the
+      incoming updates' dtype. The 8-bit aliases ask for float32 and cast
+      after the learning rate: before it, 8-bit Adam's update exceeds
+      float16's range where a small second moment decodes to 0 (``mu / eps``
+      is ~1e5).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     ``QuantizedState``.
 
   Raises:
-    ValueError: if ``block_size`` or ``min_size`` is not a positive integer.
+    ValueError: if ``block_size`` is not a power of two from 8 to 2**24,
+      ``min_size`` is not a positive integer, ``unsigned`` is not callable
+      or ``update_dtype`` is not None or a floating dtype;
+      at ``update``, if the state was made with another ``block_size``.
 
   References:
     Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization",
     arXiv 2110.02861.
   """
-  block_size = check_positive_int(
-      "block_size", block_size,
-      hint="It is the number of values sharing one float32 absmax; "
-      "bitsandbytes' 8-bit optimizers use 256.")
+  block_size = check_block_size(block_size)
   min_size = check_positive_int(
       "min_size", min_size,
       hint="Smaller state leaves stay unquantised; bitsandbytes uses 4096.")
   if unsigned is not None and not callable(unsigned):
     raise ValueError(
         f"unsigned must be None or a callable path -> bool, got {unsigned!r}.")
+  update_dtype = check_float_dtype("update_dtype", update_dtype,
+                                   allow_none=True)
   inner = optax.with_extra_args_support(inner)
 
   def signed_map(state: optax.OptState, path: KeyPath) -> bool:
@@ -203,9 +275,14 @@ def quantize_state_8bit(
       def dequantize(path, leaf):
         if not _is_ours(leaf):
           return leaf
-        return quantization.dequantize_blockwise(
-            leaf.codes, leaf.absmax, maps[signed_map(stored, path)],
-            block_size)
+        try:
+          return quantization.dequantize_blockwise(
+              leaf.codes, leaf.absmax, maps[signed_map(stored, path)],
+              block_size)
+        except ValueError as e:  # e.g. a state saved with another block_size
+          raise ValueError(
+              f"quantize_state_8bit(block_size={block_size}) cannot read the"
+              f" 8-bit state leaf {jax.tree_util.keystr(path)}: {e}") from e
 
       return jax.tree.map_with_path(dequantize, stored, is_leaf=_is_ours)
 
@@ -238,6 +315,7 @@ def quantize_state_8bit(
 
     new_stored = jax.tree.map_with_path(requantize, stored, new_inner_state,
                                         for_max, for_codes, is_leaf=_is_ours)
-    return updates_out, QuantizedState(new_stored)
+    return (_in_dtype(updates_out, updates, update_dtype),
+            QuantizedState(new_stored))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -66,3 +66,40 @@ def test_resume_is_bit_exact(tmp_path, name, stop_at):
   tx = OPTIMIZERS[name]()
   resumed, _ = _steps(tx, restored["params"], restored["opt_state"], stop_at, 7)
   jax.tree.map(np.testing.assert_array_equal, resumed, full_params)
+
+
+# Orbax's readers of the refused arrays are abandoned when it raises.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_8bit_state_does_not_restore_into_another_block_size(tmp_path):
+  """The 8-bit state's shapes carry its block size: restoring it into an
+  optimizer with another block_size fails loudly instead of decoding wrong
+  moments."""
+  params = {"w": jnp.zeros((48, 96))}  # 4608 values: 18 blocks of 256
+  tx = galore_optax.adamw_8bit(1e-2, min_size=256)
+  _, state = _steps(tx, jax.tree.map(jnp.copy, params), tx.init(params), 0, 2)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", state)
+  checkpointer.wait_until_finished()
+  other = galore_optax.adamw_8bit(1e-2, min_size=256, block_size=512)
+  with pytest.raises(ValueError, match="not compatible with the stored shape"):
+    checkpointer.restore(tmp_path / "ckpt", jax.eval_shape(other.init, params))
+  # A block size whose block count would agree (260: 18 blocks as well) is
+  # refused when the optimizer is built.
+  with pytest.raises(ValueError, match="block_size must be a power of two"):
+    galore_optax.adamw_8bit(1e-2, block_size=260)
+  # Among the accepted block sizes, two give a leaf the same state shapes
+  # only when the leaf fits in one block of each: then they decode alike.
+  sizes = (1, 7, 100, 4608, 65537)
+  leaves = {str(n): jax.ShapeDtypeStruct((n,), jnp.float32) for n in sizes}
+  shapes = {}
+  for log2 in range(3, 25):
+    abstract = jax.eval_shape(
+        galore_optax.adamw_8bit(1e-2, min_size=1, block_size=2**log2).init,
+        leaves)
+    shapes[2**log2] = {n: abstract[0].inner_state.mu[str(n)].absmax.shape
+                       for n in sizes}
+  for small in shapes:
+    for large in (b for b in shapes if b > small):
+      for n in sizes:
+        if shapes[small][n] == shapes[large][n]:
+          assert n <= small, (n, small, large)

@@ -259,3 +259,78 @@ def test_given_absmax_gives_the_same_codes_as_computed_absmax():
       x, absmax)
   np.testing.assert_array_equal(given.codes, computed.codes)
   np.testing.assert_array_equal(given.absmax, computed.absmax)
+
+
+def _with_non_finite(signed):
+  """Three blocks of 256: NaN and both infinities in block 0, a NaN in
+  block 1 (whose finite values are tiny), block 2 clean; and the same
+  values with the non-finite ones set to 0."""
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal(768).astype(np.float32)
+  if not signed:
+    x = np.abs(x)
+  x[256:512] *= 1e-30
+  clean = x.copy()
+  x[[3, 200, 77, 300]] = [np.inf, -np.inf, np.nan, np.nan]
+  clean[[3, 200, 77, 300]] = 0.0
+  return x, clean
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_non_finite_entries_stay_and_spoil_nothing_else(signed):
+  x, clean = _with_non_finite(signed)
+  q, q_clean = quantize(x, signed=signed), quantize(clean, signed=signed)
+  y = np.asarray(dequantize(q, signed=signed))
+  y_clean = np.asarray(dequantize(q_clean, signed=signed))
+  # Each non-finite entry decodes to itself, on both maps.
+  assert y[3] == np.inf and y[200] == -np.inf
+  assert np.isnan(y[77]) and np.isnan(y[300])
+  # Their blocks keep the largest finite magnitude, marked by the sign bit.
+  absmax = np.asarray(q.absmax)
+  np.testing.assert_array_equal(np.abs(absmax), np.asarray(q_clean.absmax))
+  np.testing.assert_array_equal(np.signbit(absmax), [True, True, False])
+  # The other entries decode as without the non-finite values, up to the
+  # three codes set aside next to 0 (values below 2e-5 of the block maximum).
+  others = np.ones(768, bool)
+  others[[3, 200, 77, 300]] = False
+  assert np.all(np.isfinite(y[others]))
+  block_max = np.repeat(np.asarray(q_clean.absmax), 256)
+  tiny = np.abs(clean) < 2e-5 * block_max
+  np.testing.assert_array_equal(y[others & ~tiny], y_clean[others & ~tiny])
+  assert np.all(np.abs(y - y_clean)[others & tiny] <= 2e-5 * block_max[
+      others & tiny])
+  # A clean block is coded exactly as without its neighbours' NaN and inf.
+  np.testing.assert_array_equal(np.asarray(q.codes)[512:],
+                                np.asarray(q_clean.codes)[512:])
+
+
+def test_a_block_of_only_non_finite_values():
+  x = np.array([np.nan, np.inf, -np.inf, np.inf], np.float32)
+  q = quantize(x, signed=False, block_size=64)
+  assert np.signbit(np.asarray(q.absmax)).all() and q.absmax[0] == 0.0
+  y = np.asarray(dequantize(q, signed=False, block_size=64))
+  np.testing.assert_array_equal(y, x)  # NaN == NaN for assert_array_equal
+
+
+def test_a_map_without_room_for_non_finite_codes_raises():
+  with pytest.raises(ValueError, match="at least 4 values above"):
+    qz.quantize_blockwise(ONES, np.linspace(-1, 1, 7, dtype=np.float32))
+
+
+def test_block_larger_than_the_array_costs_what_the_array_does():
+  """A block size far beyond the array's size: one block of the array's own
+  size, the same result, and memory in proportion to the array."""
+  x = np.random.default_rng(6).standard_normal((4, 8)).astype(np.float32)
+  huge = 2**30
+
+  def round_trip(x, block_size):
+    q = qz.quantize(x, block_size=block_size)
+    return q, qz.dequantize(q, block_size=block_size)
+
+  compiled = jax.jit(round_trip, static_argnums=1).lower(x, huge).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < 2**16
+  (q, y), (q32, y32) = compiled(x), jax.jit(round_trip,
+                                            static_argnums=1)(x, 32)
+  assert q.absmax.shape == (1,)
+  for a, b in ((q.codes, q32.codes), (q.absmax, q32.absmax), (y, y32)):
+    np.testing.assert_array_equal(a, b)

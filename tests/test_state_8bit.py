@@ -487,3 +487,71 @@ def test_costly_inner_work_is_not_repeated():
   wrapped = jax.make_jaxpr(tx.update)(grads, tx.init(params)).jaxpr
   assert count_dots(alone) >= 2  # at least: project, project back
   assert count_dots(wrapped) == count_dots(alone)
+
+
+@pytest.mark.parametrize("bad", [4, 260, 384, 2**25])
+def test_block_size_must_be_a_power_of_two_in_range(bad):
+  with pytest.raises(ValueError, match=r"block_size must be a power of two "
+                     rf"from 8 to 16777216, got {bad}"):
+    quantize_state_8bit(optax.scale_by_adam(), block_size=bad)
+
+
+def test_block_size_beyond_every_leaf_costs_what_the_leaves_do():
+  """A leaf smaller than a block is one block of its own size: the same
+  state and update as with a block of exactly its size, memory in
+  proportion to the leaf (not 64 MiB per block of 2**24 values)."""
+  params = {"w": jnp.zeros((4, 8))}
+  grads = {"w": jnp.linspace(-1.0, 1.0, 32).reshape(4, 8)}
+
+  def compiled_update(block_size):
+    tx = quantize_state_8bit(optax.scale_by_adam(), block_size=block_size,
+                             min_size=1)
+    state = tx.init(params)
+    return jax.jit(tx.update).lower(grads, state).compile(), state
+
+  (huge, huge_state), (fitted, fitted_state) = map(compiled_update,
+                                                   (2**24, 32))
+  assert huge.memory_analysis().temp_size_in_bytes < 2**16
+  assert huge_state.inner_state.mu["w"].absmax.shape == (1,)
+  chex.assert_trees_all_equal(huge(grads, huge_state),
+                              fitted(grads, fitted_state))
+  # min_size above every leaf: nothing is quantised, nothing is wasted.
+  tx = quantize_state_8bit(optax.scale_by_adam(), min_size=2**62)
+  assert jax.tree.leaves(jax.eval_shape(tx.init, params))[1].dtype == (
+      jnp.float32)
+
+
+def test_state_of_another_block_size_fails_at_update_naming_the_leaf():
+  params = {"w": jnp.zeros((48, 96))}  # 18 blocks of 256, 9 of 512
+  state = quantize_state_8bit(optax.scale_by_adam()).init(params)
+  other = quantize_state_8bit(optax.scale_by_adam(), block_size=512)
+  with pytest.raises(ValueError, match=r"block_size=512\) cannot read the "
+                     r"8-bit state leaf \.mu\['w'\].*absmax must have shape "
+                     r"\(9,\).*got \(18,\)"):
+    other.update(params, state)
+
+
+def test_updates_keep_the_incoming_dtype():
+  """The float32 dequantised state does not make bfloat16 updates float32
+  (quantised and unquantised leaves alike)."""
+  tx = quantize_state_8bit(optax.scale_by_adam(), min_size=64)
+  params = {"big": jnp.zeros((64, 8), jnp.bfloat16),
+            "small": jnp.zeros((8,), jnp.bfloat16)}
+  updates, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params),
+                                      tx.init(params))
+  assert isinstance(state.inner_state.mu["big"], qz.QuantizedArray)
+  assert {k: u.dtype for k, u in updates.items()} == {
+      "big": jnp.bfloat16, "small": jnp.bfloat16}
+  np.testing.assert_array_equal(np.asarray(updates["big"], np.float32), 1.0)
+
+
+def test_update_dtype_float32_and_bad_update_dtype():
+  tx = quantize_state_8bit(optax.scale_by_adam(), min_size=64,
+                           update_dtype=jnp.float32)
+  params = {"big": jnp.zeros((64, 8), jnp.float16)}
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params),
+                                  tx.init(params))
+  assert updates["big"].dtype == jnp.float32
+  for bad in ("int8", "nonsense", 3):
+    with pytest.raises(ValueError, match="update_dtype must be a floating"):
+      quantize_state_8bit(optax.scale_by_adam(), update_dtype=bad)
