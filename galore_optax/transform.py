@@ -131,15 +131,20 @@ def _check_lazy_arguments(refresh_schedule: Any, queue_size: Any,
   """Raises a ValueError for a bad lazy-refresh argument.
 
   Returns:
-    ``queue_size`` as a Python int.
+    ``queue_size`` as a Python int (0 for the fixed schedule, which does not
+    read the lazy arguments).
   """
-  check_choice("refresh_schedule", refresh_schedule, lazy_refresh.REFRESH_SCHEDULES)
+  check_choice("refresh_schedule", refresh_schedule,
+               lazy_refresh.REFRESH_SCHEDULES)
+  if refresh_schedule == "fixed":
+    return 0  # unused (and perhaps traced by optax.inject_hyperparams)
   queue_size = check_positive_int("lazy_queue_size", queue_size)
   check_number_in_range("lazy_threshold", threshold, low=-1.0, high=1.0)
-  if refresh_schedule == "lazy" and moments != "keep":
+  if moments != "keep":
     raise ValueError(
-        f"refresh_schedule='lazy' needs moments='keep' (got {moments!r}): each matrix "
-        "refreshes on its own schedule, while 'reset' re-initialises the "
+        f"refresh_schedule='lazy' needs moments='keep' (got {moments!r}): "
+        "each matrix refreshes on its own schedule, while 'reset' "
+        "re-initialises the "
         "inner state that all leaves share and 'project' carries moments "
         "per refresh phase, not per matrix.")
   return queue_size

@@ -198,3 +198,46 @@ def test_int8_projectors_of_a_stacked_leaf_raise_at_init():
   tx.init({"w": jnp.zeros((8, 6))})  # a single matrix is fine
   with pytest.raises(ValueError, match="int8 projectors share blocks"):
     tx.init({"w": jnp.zeros((2, 8, 6))})
+
+
+def test_per_layer_step_keeps_each_layer_slice_schedule():
+  # The per-layer step keeps one optimizer state per layer slice; each
+  # carries its own lazy state and the result equals the ordinary step.
+  # (tests/test_layerwise.py's shared cases run three updates, too few for
+  # a lazy decision; here threshold 0 lets the layers' intervals part.)
+  from galore_optax import galore_adamw
+  from galore_optax import layerwise
+  from galore_optax.layerwise import layout
+
+  def loss_fn(params, batch):
+    x, y = batch
+    h = layerwise.scan_layers(lambda h, p: jnp.tanh(h @ p["w"]), x,
+                              params["layers"])
+    return jnp.mean((h - y) ** 2)
+
+  params = {"layers": {"w": 0.3 * jax.random.normal(jax.random.key(0),
+                                                    (2, 12, 12))}}
+  tx = galore_adamw(1e-2, rank=2, update_proj_gap=1,
+                    refresh_schedule="lazy", lazy_queue_size=1,
+                    lazy_threshold=0.0, projector_dtype="int4")
+  steps = layerwise.make_layerwise_step(loss_fn, tx, per_layer=["layers"],
+                                        donate=False)
+  per_layer, lw_state = params, steps.init(params)
+  ordinary, state = params, tx.init(params)
+  update = jax.jit(lambda p, s, b: tx.update(jax.grad(loss_fn)(p, b), s, p))
+  for t in range(6):
+    x = jax.random.normal(jax.random.key(t + 1), (4, 12))
+    batch = (x, jnp.tanh(x[:, ::-1]))
+    per_layer, lw_state, _ = steps.step(per_layer, lw_state, batch)
+    updates, state = update(ordinary, state, batch)
+    ordinary = optax.apply_updates(ordinary, updates)
+  np.testing.assert_allclose(per_layer["layers"]["w"],
+                             ordinary["layers"]["w"], rtol=0, atol=1e-6)
+  (want,) = layout.galore_states(state)
+  (got,) = layout.galore_states(
+      steps.unpack_state(lw_state, params)["layers.w"].opt_state)
+  np.testing.assert_array_equal(got.refresh_state["layers.w"].interval,
+                                want.refresh_state["layers.w"].interval)
+  np.testing.assert_array_equal(got.refresh_state["layers.w"].refreshes,
+                                want.refresh_state["layers.w"].refreshes)
+  assert got.refresh_state["layers.w"].refreshes.shape == (2,)

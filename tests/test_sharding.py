@@ -4,7 +4,8 @@ Runs ``tests/_sharded_check.py`` in a subprocess, because the device count
 must be set before JAX initialises: FSDP-style row and column sharding, tall,
 wide and stacked leaves, ``Auto`` and ``Explicit`` mesh axis types, exact and
 randomized projectors, the project and reset moment policies, 8-bit states,
-int8 projectors, and int8 weights updated with stochastic rounding.
+int8 projectors, the lazy refresh schedule with int4 projectors, and int8
+weights updated with stochastic rounding.
 """
 
 import os
@@ -20,4 +21,4 @@ def test_sharded_equals_single_device():
   out = subprocess.run([sys.executable, str(script)], env=env,
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout + out.stderr
-  assert out.stdout.count("ok ") == 12, out.stdout
+  assert out.stdout.count("ok ") == 14, out.stdout
