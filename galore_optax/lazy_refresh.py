@@ -1,7 +1,7 @@
 """Q-GaLore's lazy, layer-adaptive projector refresh.
 
-With ``galore_project(..., refresh_schedule="lazy")`` every matrix (each matrix of a
-stacked leaf too) has its own refresh interval, starting at
+With ``galore_project(..., refresh_schedule="lazy")`` every matrix (each
+matrix of a stacked leaf too) has its own refresh interval, starting at
 ``update_proj_gap``. At each of its refreshes the cosine similarity between
 the leading singular vector of the new projector and that of the previous
 refresh's projector is appended to a queue of the last ``queue_size`` ones;
@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from galore_optax import projection
 from galore_optax import projector_storage
@@ -144,8 +145,8 @@ class LazySchedule:
     batch = plan.batch_shape
     if not projector_storage.matrices_selectable(projector_dtype, batch):
       raise ValueError(
-          f"refresh_schedule='lazy' refreshes each matrix of a stacked leaf (shape "
-          f"{plan.shape}) on its own schedule, but int8 projectors share "
+          "refresh_schedule='lazy' refreshes each matrix of a stacked leaf "
+          f"(shape {plan.shape}) on its own schedule, but int8 projectors share "
           "blocks of values across its matrices; use projector_dtype='int4', "
           "'bfloat16' or 'float32'.")
     dims = ((plan.m if plan.use_left else 0) +
@@ -270,3 +271,36 @@ class LazySchedule:
     out = refresh_batch(grads, list(zip(stored, states)), plan, {},
                         due=any_due, refresh_leaf=leaf)
     return [p for p, _ in out], [s for _, s in out]
+
+
+def schedule_summary(opt_state: Any) -> dict[str, dict[str, list[Any]]]:
+  """What the lazy schedules of an optimizer state have done so far.
+
+  Args:
+    opt_state: any optimizer state holding ``galore_project`` states with
+      ``refresh_schedule="lazy"`` (host or device arrays).
+
+  Returns:
+    Per projected leaf name, per matrix (flattened over a stacked leaf's
+    batch axes): ``refreshes`` (so far, the first included), ``interval``
+    (the current one) and ``similarity`` (the mean of the similarities in
+    the queue, None before the second refresh).
+  """
+  is_state = lambda x: isinstance(x, LazyRefreshState)
+  found = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_state)[0]
+  out = {}
+  for path, state in found:
+    if not is_state(state):
+      continue
+    refreshes = np.asarray(state.refreshes).reshape(-1)
+    queue = np.asarray(state.similarities)
+    queue = queue.reshape(-1, queue.shape[-1])
+    size = queue.shape[-1]
+    valid = np.minimum(np.maximum(refreshes - 1, 0), size)
+    out[str(path[-1].key)] = {
+        "refreshes": refreshes.tolist(),
+        "interval": np.asarray(state.interval).reshape(-1).tolist(),
+        "similarity": [float(np.mean(q[size - n:])) if n else None
+                       for q, n in zip(queue, valid)],
+    }
+  return out

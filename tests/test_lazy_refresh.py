@@ -107,7 +107,8 @@ def _signal_grads(steps, shape, signal_from, seed):
   (per matrix of a stacked shape: ``signal_from`` is a list then)."""
   rng = np.random.default_rng(seed)
   *batch, m, n = shape
-  u, v = rng.standard_normal((*batch, m, 1)), rng.standard_normal((*batch, 1, n))
+  u = rng.standard_normal((*batch, m, 1))
+  v = rng.standard_normal((*batch, 1, n))
   on = np.asarray(signal_from).reshape(*batch, 1, 1)
   out = []
   for t in range(steps):
@@ -151,6 +152,15 @@ def test_compiled_schedule_follows_the_rule_per_matrix(projector_dtype,
     assert got == _rule(leading[name, i], offsets[name]), (name, i)
   intervals = np.asarray(state.refresh_state["stack"].interval)
   assert intervals[0] > intervals[1] == 2, intervals
+  # What the example's summary reports, per leaf and matrix.
+  summary = lazy_refresh.schedule_summary(state)
+  assert summary["stack"]["refreshes"] == [
+      len(refresh_steps["stack", 0]), len(refresh_steps["stack", 1])]
+  assert summary["stack"]["interval"] == intervals.tolist()
+  assert summary["w"]["refreshes"] == [len(refresh_steps["w", None])]
+  np.testing.assert_allclose(
+      summary["w"]["similarity"],
+      [np.mean(np.asarray(state.refresh_state["w"].similarities))], rtol=1e-6)
 
 
 def test_due_matrices_alone_change_their_projector():
