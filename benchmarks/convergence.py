@@ -170,8 +170,8 @@ def lazy_refresh_table(name: str, summary: dict[str, Any],
   """
   fixed = len(range(0, steps, fixed_gap))
   rows = [f"lazy refresh of {name} (fixed schedule: {fixed} refreshes per "
-          "matrix)", "| matrix | matrices | refreshes (mean, min-max) | "
-          "final interval | similarity (mean, min-max) |",
+          "matrix)", "| matrix | matrices | refreshes (mean, min..max) | "
+          "final interval | similarity (mean, min..max) |",
           "|---|---|---|---|---|"]
   for kind in MATRIX_TYPES:
     stats = [v for k, v in summary["lazy_refresh"].items()
@@ -181,12 +181,12 @@ def lazy_refresh_table(name: str, summary: dict[str, Any],
       continue
     intervals = [i for s in stats for i in s["interval"]]
     sims = [x for s in stats for x in s["similarity"] if x is not None]
-    sim = (f"{sum(sims) / len(sims):.3f} ({min(sims):.3f}-{max(sims):.3f})"
+    sim = (f"{sum(sims) / len(sims):.3f} ({min(sims):.3f}..{max(sims):.3f})"
            if sims else "-")
     rows.append(f"| {kind} | {len(refreshes)} | "
                 f"{sum(refreshes) / len(refreshes):.1f} "
-                f"({min(refreshes)}-{max(refreshes)}) vs {fixed} | "
-                f"{min(intervals)}-{max(intervals)} | {sim} |")
+                f"({min(refreshes)}..{max(refreshes)}) vs {fixed} | "
+                f"{min(intervals)}..{max(intervals)} | {sim} |")
   return rows
 
 

@@ -120,7 +120,14 @@ def dequantize_int4(q: Int4Array) -> jax.Array:
 
 
 def int4_shape(q: Int4Array) -> tuple[int, ...]:
-  """The shape of the float32 factor that ``q`` stores."""
+  """The shape of the float32 factor that ``q`` stores.
+
+  Args:
+    q: an ``Int4Array``.
+
+  Returns:
+    ``(*batch, rows, cols)``.
+  """
   *batch, rows, half = q.codes.shape
   return (*batch, rows, 2 * half - isinstance(q, Int4ArrayOddColumns))
 
