@@ -29,10 +29,10 @@ These are the rules of ``q_galore_torch.GaLoreProjector`` (version 1.0):
 * the update counter is the optimizer's (the reference's is per parameter,
   equal to it when every parameter is updated at every step).
 
-The decisions are made inside the compiled step (one compilation). A batch
-of equal-shape leaves (or a stacked leaf) runs its decompositions when any
-of its matrices is due, and keeps the new projector only for the matrices
-that are due. A refresh skipped for a non-finite gradient records nothing.
+The decisions are made inside the compiled step (one compilation). In a
+batch of equal-shape leaves refreshed by one loop, a leaf is decomposed only
+when one of its matrices is due; a stacked leaf decomposes all its matrices
+then and keeps the new projector only for those that are due. A refresh skipped for a non-finite gradient records nothing.
 The interval stops doubling at ``MAX_INTERVAL``.
 
 References:
@@ -263,10 +263,13 @@ class LazySchedule:
 
     def leaf(grad, item):
       # The loop body sees one leaf at a time; its due mask is recomputed
-      # from its own state (the count and offset are the batch's).
-      return self.refresh_leaf(grad, item, plan,
-                               self.due(item[1], count, offset), compute,
-                               dtype)
+      # from its own state (the count and offset are the batch's), and a
+      # leaf none of whose matrices is due skips its decomposition.
+      due = self.due(item[1], count, offset)
+      return jax.lax.cond(
+          jnp.any(due),
+          lambda: self.refresh_leaf(grad, item, plan, due, compute, dtype),
+          lambda: item)
 
     out = refresh_batch(grads, list(zip(stored, states)), plan, {},
                         due=any_due, refresh_leaf=leaf)

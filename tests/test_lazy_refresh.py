@@ -122,21 +122,26 @@ def _signal_grads(steps, shape, signal_from, seed):
 def test_compiled_schedule_follows_the_rule_per_matrix(projector_dtype,
                                                        stagger):
   # A stacked leaf whose two matrices see a signal from different steps
-  # (so their intervals part), and a plain leaf. One compilation.
+  # (so their intervals part), and two plain leaves of one shape (refreshed
+  # by one loop), one with a signal. One compilation.
   steps = 40
   grads = _signal_grads(steps, (2, 12, 8), [6, 100], seed=0)
   plain = _signal_grads(steps, (8, 12), 10, seed=1)
-  params = {"stack": jnp.zeros((2, 12, 8)), "w": jnp.zeros((8, 12))}
+  noise = _signal_grads(steps, (8, 12), 100, seed=2)
+  params = {"stack": jnp.zeros((2, 12, 8)), "w": jnp.zeros((8, 12)),
+            "x": jnp.zeros((8, 12))}
   tx = galore_project(optax.scale_by_adam(), rank=2, update_proj_gap=2,
                       refresh_schedule="lazy", projector_dtype=projector_dtype,
                       stagger_refresh=stagger)
   state = tx.init(params)
   update = jax.jit(tx.update)
-  refresh_steps = {("stack", 0): [], ("stack", 1): [], ("w", None): []}
+  refresh_steps = {("stack", 0): [], ("stack", 1): [], ("w", None): [],
+                   ("x", None): []}
   leading = {k: [] for k in refresh_steps}
   for t in range(steps):
     before = state.refresh_state
-    _, state = update({"stack": grads[t], "w": plain[t]}, state)
+    _, state = update({"stack": grads[t], "w": plain[t], "x": noise[t]},
+                      state)
     for name, i in refresh_steps:
       pick = (lambda x: x[i]) if i is not None else (lambda x: x)
       if int(pick(state.refresh_state[name].refreshes)) > int(
@@ -145,13 +150,15 @@ def test_compiled_schedule_follows_the_rule_per_matrix(projector_dtype,
       leading[name, i].append(np.asarray(pick(
           state.refresh_state[name].leading)))
   assert update._cache_size() == 1
-  offsets = {"stack": 0, "w": 1 if stagger else 0}
+  offsets = {"stack": 0, "w": 1 if stagger else 0, "x": 1 if stagger else 0}
   for (name, i), got in refresh_steps.items():
     # Our leading vector at each refresh is the one the state keeps; the
     # rule on those vectors picks the same steps.
     assert got == _rule(leading[name, i], offsets[name]), (name, i)
   intervals = np.asarray(state.refresh_state["stack"].interval)
   assert intervals[0] > intervals[1] == 2, intervals
+  assert (int(state.refresh_state["w"].interval) >
+          int(state.refresh_state["x"].interval) == 2)
   # What the example's summary reports, per leaf and matrix.
   summary = lazy_refresh.schedule_summary(state)
   assert summary["stack"]["refreshes"] == [
