@@ -32,8 +32,9 @@ These are the rules of ``q_galore_torch.GaLoreProjector`` (version 1.0):
 The decisions are made inside the compiled step (one compilation). In a
 batch of equal-shape leaves refreshed by one loop, a leaf is decomposed only
 when one of its matrices is due; a stacked leaf decomposes all its matrices
-then and keeps the new projector only for those that are due. A refresh skipped for a non-finite gradient records nothing.
-The interval stops doubling at ``MAX_INTERVAL``.
+then and keeps the new projector only for those that are due. A refresh
+skipped for a non-finite gradient records nothing. The interval stops
+doubling at ``MAX_INTERVAL``.
 
 References:
   Zhang et al., "Q-GaLore: Quantized GaLore with INT4 Projection and
@@ -146,8 +147,9 @@ class LazySchedule:
     if not projector_storage.matrices_selectable(projector_dtype, batch):
       raise ValueError(
           "refresh_schedule='lazy' refreshes each matrix of a stacked leaf "
-          f"(shape {plan.shape}) on its own schedule, but int8 projectors share "
-          "blocks of values across its matrices; use projector_dtype='int4', "
+          f"(shape {plan.shape}) on its own schedule, but int8 projectors "
+          "share blocks of values across its matrices; use "
+          "projector_dtype='int4', "
           "'bfloat16' or 'float32'.")
     dims = ((plan.m if plan.use_left else 0) +
             (plan.n if plan.use_right else 0))
