@@ -11,6 +11,13 @@ sides (AdamW 1e-4 .. 1e-2, GaLore 5e-3 and 1e-2). Reported: the final
 held-out loss and perplexity of each, and the ratio of each final loss to
 the best AdamW run's; the loss curves go to a PNG.
 
+Q-GaLore's lazy refresh (issue 24) runs with gap 100 (20 windows in 2000
+updates) beside the fixed schedule at the same gap, with the reference's
+queue 5 and threshold 0.4; a second table gives, per matrix type (q/k/v/o/
+gate/up/down, over the layers), the lazy run's refresh counts, final
+intervals and mean similarities of the last queued projectors against the
+fixed schedule's refresh count.
+
 Run from the repository root (about 15 minutes per run on two CPU cores)::
 
     python -m benchmarks.convergence                       # all runs
@@ -71,7 +78,18 @@ RUNS: dict[str, list[str]] = {
     "galore_adamw_8bit_int8_weights_nearest": [
         "--optimizer", "galore_adamw_8bit", "--param-dtype", "bfloat16",
         "--weights", "int8", "--weight-rounding", "nearest"],
+    # Q-GaLore's lazy, layer-adaptive refresh (issue 24) against the fixed
+    # schedule at the same, shorter gap (20 windows in 2000 updates).
+    "galore_adamw_gap100": ["--optimizer", "galore_adamw",
+                            "--update-proj-gap", "100"],
+    "galore_adamw_lazy_gap100": ["--optimizer", "galore_adamw",
+                                 "--update-proj-gap", "100",
+                                 "--refresh-schedule", "lazy"],
 }
+# The fixed-schedule run each lazy run is compared with.
+LAZY_AGAINST = {"galore_adamw_lazy_gap100": "galore_adamw_gap100"}
+MATRIX_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                "up_proj", "down_proj")
 BASELINES = ("adamw", "adamw_lr1e-3", "adamw_lr1e-2", "adamw_lr3e-4",
              "adamw_lr1e-4")
 
@@ -135,6 +153,43 @@ def plot(names: list[str], out_dir: Path, path: Path) -> None:
   plt.close(fig)
 
 
+def lazy_refresh_table(name: str, summary: dict[str, Any],
+                       fixed_gap: int, steps: int) -> list[str]:
+  """Markdown rows: a lazy run's schedules per matrix type.
+
+  Args:
+    name: the lazy run's name.
+    summary: its summary (``lazy_refresh``: per leaf and matrix).
+    fixed_gap: the fixed schedule's gap it is compared with.
+    steps: updates of the run.
+
+  Returns:
+    A header and one row per matrix type found: matrices, refreshes (mean,
+    min-max) against the fixed schedule's, final intervals (min-max) and
+    the mean similarity of the last queued projectors (mean, min-max).
+  """
+  fixed = len(range(0, steps, fixed_gap))
+  rows = [f"lazy refresh of {name} (fixed schedule: {fixed} refreshes per "
+          "matrix)", "| matrix | matrices | refreshes (mean, min..max) | "
+          "final interval | similarity (mean, min..max) |",
+          "|---|---|---|---|---|"]
+  for kind in MATRIX_TYPES:
+    stats = [v for k, v in summary["lazy_refresh"].items()
+             if f".{kind}." in f".{k}."]
+    refreshes = [r for s in stats for r in s["refreshes"]]
+    if not refreshes:
+      continue
+    intervals = [i for s in stats for i in s["interval"]]
+    sims = [x for s in stats for x in s["similarity"] if x is not None]
+    sim = (f"{sum(sims) / len(sims):.3f} ({min(sims):.3f}..{max(sims):.3f})"
+           if sims else "-")
+    rows.append(f"| {kind} | {len(refreshes)} | "
+                f"{sum(refreshes) / len(refreshes):.1f} "
+                f"({min(refreshes)}..{max(refreshes)}) vs {fixed} | "
+                f"{min(intervals)}..{max(intervals)} | {sim} |")
+  return rows
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", nargs="+", default=list(RUNS),
@@ -172,6 +227,14 @@ def main(argv: list[str] | None = None) -> None:
           f"{s['final_eval_ppl']:.3f} | {ratio} | "
           f"{s['opt_state_bytes'] / 2**20:.2f} MiB | "
           f"{s['wall_time_s'] / 60:.1f} min |")
+  for name, s in summaries.items():
+    if s.get("lazy_refresh"):
+      against = summaries.get(LAZY_AGAINST.get(name, ""))
+      if against:
+        print(f"{name}: eval loss / {LAZY_AGAINST[name]}'s = "
+              f"{s['final_eval_loss'] / against['final_eval_loss']:.4f}x")
+      gap = int(RUNS[name][RUNS[name].index("--update-proj-gap") + 1])
+      print("\n".join(lazy_refresh_table(name, s, gap, args.steps)))
   plot(list(summaries), out_dir, out_dir / "convergence.png")
   (out_dir / "results.json").write_text(json.dumps(summaries, indent=2))
   print(f"plot: {out_dir / 'convergence.png'}")

@@ -76,6 +76,7 @@ from jax.sharding import PartitionSpec as P
 import galore_optax
 from galore_optax import cli
 from galore_optax import layerwise as galore_layerwise
+from galore_optax import lazy_refresh
 from galore_optax import memory
 from galore_optax import weight_quantization
 from galore_optax.cli import parse_target_modules
@@ -184,7 +185,7 @@ def make_optimizer(name: str, schedule: optax.Schedule, args: Any,
   wanted = dict(rank=args.rank, update_proj_gap=args.update_proj_gap,
                 scale=args.scale, proj_type=args.proj_type,
                 projector_method=args.projector_method, moments=args.moments,
-                seed=args.seed)
+                refresh_schedule=args.refresh_schedule, seed=args.seed)
   if "b1" in accepted:  # the AdamW family (Adafactor has its own eps)
     wanted.update(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
   kwargs = {k: v for k, v in wanted.items() if k in accepted}
@@ -332,7 +333,8 @@ METRIC_FIELDS = ("step", "train_loss", "eval_loss", "eval_ppl", "lr",
                  "tokens_per_s", "elapsed")
 # Arguments a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("model", "optimizer", "rank", "update_proj_gap", "scale",
-               "proj_type", "target_modules", "projector_method", "moments", "lr",
+               "proj_type", "target_modules", "projector_method", "moments",
+               "refresh_schedule", "lr",
                "min_lr_ratio", "warmup_ratio", "weight_decay", "max_grad_norm",
                "grad_accum", "batch_size", "seq_len", "steps", "seed", "data",
                "tokenizer", "max_train_bytes", "param_dtype", "scan_layers",
@@ -509,6 +511,11 @@ def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--moments", default="keep",
                  choices=galore_optax.MOMENT_POLICIES,
                  help="GaLore moments at a projector refresh")
+  g.add_argument("--refresh-schedule", default="fixed",
+                 choices=lazy_refresh.REFRESH_SCHEDULES,
+                 help="fixed: every --update-proj-gap updates; lazy: "
+                 "Q-GaLore's per-matrix intervals (doubled when successive "
+                 "projectors agree); the summary then reports them")
   g.add_argument("--lr", type=cli.positive_float, default=None,
                  help=f"peak learning rate (default: {_GALORE_LR:g} for the "
                  f"GaLore optimizers, {_FULL_RANK_LR:g} for the others)")
@@ -1383,6 +1390,9 @@ def summarize(args: argparse.Namespace, model: Model, placement: Placement,
       "sharded_opt_state_leaves": sharded_leaves(placement.opt_state),
       "wall_time_s": time.perf_counter() - t_main,
       "out_dir": str(out_dir),
+      # Per projected leaf and matrix: refreshes, intervals, similarities.
+      "lazy_refresh": (lazy_refresh.schedule_summary(jax.device_get(
+          state.opt_state)) if args.refresh_schedule == "lazy" else None),
   }
 
 

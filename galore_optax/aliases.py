@@ -44,14 +44,18 @@ class GaLoreOptions(TypedDict, total=False):
     proj_type: ``std`` (default), ``reverse_std``, ``left``, ``right`` or
       ``full``.
     projector_method: ``svd`` (exact, default) or ``randomized``.
-    projector_dtype: ``float32`` (default), ``bfloat16`` or ``int8``
-      projectors.
+    projector_dtype: ``float32`` (default), ``bfloat16``, ``int8`` or
+      ``int4`` projectors.
     stagger_refresh: spread projector refreshes over the window.
     moments: ``keep`` (the reference, default), ``project`` or ``reset``:
       what happens to the moments at a refresh.
     matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
       is not their last two axes.
     seed: seed of the randomized projector's random test matrices.
+    refresh_schedule: ``fixed`` (default) or ``lazy`` (Q-GaLore's
+      per-matrix intervals, doubled when successive projectors agree).
+    lazy_queue_size: similarities the lazy schedule averages; default 5.
+    lazy_threshold: mean similarity that doubles an interval; default 0.4.
   """
 
   rank: int
@@ -64,6 +68,9 @@ class GaLoreOptions(TypedDict, total=False):
   moments: str
   matrix_axes: MatrixAxes | None
   seed: int
+  refresh_schedule: str
+  lazy_queue_size: int
+  lazy_threshold: float
 
 
 def galore_option_defaults() -> dict[str, Any]:

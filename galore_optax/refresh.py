@@ -28,13 +28,14 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from galore_optax import lazy_refresh
 from galore_optax import projection
 from galore_optax import projector_storage
 from galore_optax import quantization
@@ -149,11 +150,14 @@ class Refreshed(NamedTuple):
     gradients_ready: one array per refresh batch that XLA computes only
       once every gradient of that batch exists (a loop or cond returns its
       results only when all its operands exist, due or not).
+    schedule_states: by leaf index, each projected leaf's
+      ``lazy_refresh.LazyRefreshState`` (empty for the fixed schedule).
   """
 
   projectors: dict[int, projection.Projector]
   inner_state: optax.OptState
   gradients_ready: list[jax.Array]
+  schedule_states: dict[int, lazy_refresh.LazyRefreshState] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +172,8 @@ class RefreshPolicy:
     projector_dtype: one of ``projector_storage.PROJECTOR_DTYPES``.
     moments: ``"keep"``, ``"project"`` or ``"reset"``.
     seed: seed of the randomized method's test matrices.
+    lazy: the lazy schedule (``refresh_schedule="lazy"``), or None for the fixed
+      one.
   """
 
   inner: optax.GradientTransformationExtraArgs
@@ -177,6 +183,7 @@ class RefreshPolicy:
   projector_dtype: str
   moments: str
   seed: int
+  lazy: lazy_refresh.LazySchedule | None = None
 
   def schedule(self, grads: list[jax.Array],
                plans: dict[int, projection.LeafPlan]
@@ -200,24 +207,34 @@ class RefreshPolicy:
          for i in projected], [grads[i].size for i in projected], max_leaves)]
     return batches, refresh_offsets(len(batches), self.gap, self.stagger)
 
-  def refresh_leaf(self, grad: jax.Array, stored: projection.Projector,
+  def compute_leaf(self, grad: jax.Array, stored: projection.Projector,
                    plan: projection.LeafPlan,
                    sketches: dict[Any, jax.Array]) -> projection.Projector:
-    """One leaf's new stored projector (its old one where not finite)."""
+    """One leaf's new float32 projector (its old one where not finite)."""
     sketch = None
     if self.method == "randomized":
       sketch = projection.Projector(*(
           optax.MaskedNode() if dims is None else sketches[dims]
           for dims in projection.sketch_dims(plan)))
-    return projector_storage.store(projection.refresh_projector(
+    return projection.refresh_projector(
         grad, plan, projector_storage.load(stored), method=self.method,
-        sketch=sketch), self.projector_dtype)
+        sketch=sketch)
+
+  def refresh_leaf(self, grad: jax.Array, stored: projection.Projector,
+                   plan: projection.LeafPlan,
+                   sketches: dict[Any, jax.Array]) -> projection.Projector:
+    """One leaf's new stored projector (its old one where not finite)."""
+    return projector_storage.store_refreshed(
+        self.compute_leaf(grad, stored, plan, sketches), stored,
+        self.projector_dtype)
 
   def refresh_batch(self, grads: list[jax.Array],
                     stored: list[projection.Projector],
                     plan: projection.LeafPlan,
                     sketches: dict[Any, jax.Array],
-                    due: jax.Array | None = None) -> list[Any]:
+                    due: jax.Array | None = None,
+                    refresh_leaf: Callable[[jax.Array, Any], Any] | None = None
+                    ) -> list[Any]:
     """New projectors of one batch of equal-shape leaves, by one loop.
 
     Args:
@@ -227,17 +244,22 @@ class RefreshPolicy:
       sketches: ``step_sketches``' test matrices (randomized method).
       due: if given, refresh only where it is true (the projectors are
         returned as they are otherwise).
+      refresh_leaf: ``(grad, stored) -> new stored``, where ``stored`` is
+        any per-leaf tree (the lazy schedule's is a projector and its
+        state); ``self.refresh_leaf`` by default.
 
     Returns:
       The batch's new stored projectors, in order.
     """
+    if refresh_leaf is None:
+      refresh_leaf = lambda g, p: self.refresh_leaf(g, p, plan, sketches)
     if len(grads) == 1:
       if due is None:
-        return [self.refresh_leaf(grads[0], stored[0], plan, sketches)]
+        return [refresh_leaf(grads[0], stored[0])]
       # Not a loop: XLA hoists a single leaf's refresh, invariant in the
       # loop, out of it, so it would run at every update.
-      return [jax.lax.cond(due, lambda: self.refresh_leaf(
-          grads[0], stored[0], plan, sketches), lambda: stored[0])]
+      return [jax.lax.cond(due, lambda: refresh_leaf(grads[0], stored[0]),
+                           lambda: stored[0])]
     # A loop, not vmap: the body compiles once, and each decomposition stays
     # unbatched (jaxlib's batched CPU LAPACK kernels wait on the intra-op
     # thread pool they run in, which deadlocks when several devices of one
@@ -252,7 +274,7 @@ class RefreshPolicy:
 
     def body(i, carry):
       g = jax.lax.switch(i, [lambda g=g: g for g in grads])
-      return carry[1:] + [self.refresh_leaf(g, carry[0], plan, sketches)]
+      return carry[1:] + [refresh_leaf(g, carry[0])]
 
     trips = len(grads) if due is None else jnp.where(due, len(grads), 0)
     return jax.lax.fori_loop(0, trips, body, list(stored))
@@ -384,7 +406,9 @@ class RefreshPolicy:
                   plans: dict[int, projection.LeafPlan],
                   stored: dict[int, projection.Projector],
                   inner_state: optax.OptState, count: jax.Array,
-                  treedef: Any) -> Refreshed:
+                  treedef: Any,
+                  schedule_states: dict[int, Any] | None = None
+                  ) -> Refreshed:
     """Refreshes the projectors due at update ``count``.
 
     Args:
@@ -394,6 +418,8 @@ class RefreshPolicy:
       inner_state: the inner transformation's state.
       count: the update count.
       treedef: the structure of the gradients' tree.
+      schedule_states: by leaf index, the lazy schedule's states (with
+        ``lazy`` only).
 
     Returns:
       The new projectors, the inner state after the refresh's ``moments``
@@ -414,14 +440,26 @@ class RefreshPolicy:
       # One loop (or cond) per batch, so that each batch's projections can
       # start as soon as its gradients exist and free them (one over every
       # gradient keeps them all alive at once).
-      new = dict(stored)
+      new, schedule_states = dict(stored), dict(schedule_states or {})
       for batch, offset in zip(batches, offsets):
-        new.update(zip(batch, self.refresh_batch(
-            [grads[i] for i in batch], [stored[i] for i in batch],
-            plans[batch[0]], sketches, is_due(count, offset, self.gap))))
+        if self.lazy is None:
+          new.update(zip(batch, self.refresh_batch(
+              [grads[i] for i in batch], [stored[i] for i in batch],
+              plans[batch[0]], sketches, is_due(count, offset, self.gap))))
+          continue
+        plan = plans[batch[0]]
+        projectors, states = self.lazy.refresh_batch(
+            self.refresh_batch, [grads[i] for i in batch],
+            [stored[i] for i in batch], [schedule_states[i] for i in batch],
+            plan, count, offset,
+            lambda g, p, plan=plan: self.compute_leaf(g, p, plan, sketches),
+            self.projector_dtype)
+        new.update(zip(batch, projectors))
+        schedule_states.update(zip(batch, states))
     if self.moments == "reset":
       inner_state = jax.lax.cond(
           (count > 0) & (count % self.gap == 0),
           lambda s: self.inner.init(lowrank_tree), lambda s: s, inner_state)
     return Refreshed(new, inner_state,
-                     [jax.tree.leaves(new[batch[0]])[0] for batch in batches])
+                     [jax.tree.leaves(new[batch[0]])[0] for batch in batches],
+                     schedule_states or {})

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_optax import lazy_refresh
 from galore_optax import matrix_view
 from galore_optax import ordering
 from galore_optax import projection
@@ -47,11 +48,15 @@ class GaLoreState(NamedTuple):
       (e.g. Flax NNX variables) never wrap it.
     inner_state: the inner transformation's state, built for the low-rank
       shapes of the projected leaves and the full shapes of the others.
+    refresh_state: with ``refresh_schedule="lazy"``, a dict from each projected
+      leaf's name to its ``lazy_refresh.LazyRefreshState`` (each matrix's
+      interval and similarity queue); empty otherwise.
   """
 
   count: jax.Array
   projectors: Any
   inner_state: optax.OptState
+  refresh_state: Any = {}
 
 
 def _named_matrices(
@@ -131,6 +136,30 @@ def _codes_after(inner_state: optax.OptState,
                             for x, c in zip(leaves, is_code)])
 
 
+def _check_lazy_arguments(refresh_schedule: Any, queue_size: Any,
+                          threshold: Any, moments: str) -> int:
+  """Raises a ValueError for a bad lazy-refresh argument.
+
+  Returns:
+    ``queue_size`` as a Python int (0 for the fixed schedule, which does not
+    read the lazy arguments).
+  """
+  check_choice("refresh_schedule", refresh_schedule,
+               lazy_refresh.REFRESH_SCHEDULES)
+  if refresh_schedule == "fixed":
+    return 0  # unused (and perhaps traced by optax.inject_hyperparams)
+  queue_size = check_positive_int("lazy_queue_size", queue_size)
+  check_number_in_range("lazy_threshold", threshold, low=-1.0, high=1.0)
+  if moments != "keep":
+    raise ValueError(
+        f"refresh_schedule='lazy' needs moments='keep' (got {moments!r}): "
+        "each matrix refreshes on its own schedule, while 'reset' "
+        "re-initialises the "
+        "inner state that all leaves share and 'project' carries moments "
+        "per refresh phase, not per matrix.")
+  return queue_size
+
+
 def _check_arguments(rank: Any, update_proj_gap: Any, scale: Any,
                      proj_type: Any, projector_method: Any,
                      projector_dtype: Any, stagger_refresh: Any,
@@ -177,6 +206,9 @@ def galore_project(
     moments: str = "keep",
     matrix_axes: MatrixAxes | None = None,
     seed: int = 0,
+    refresh_schedule: str = "fixed",
+    lazy_queue_size: int = 5,
+    lazy_threshold: float = 0.4,
 ) -> optax.GradientTransformationExtraArgs:
   """Runs ``inner`` on gradients projected onto a rank-``r`` subspace.
 
@@ -209,9 +241,11 @@ def galore_project(
     projector_method: ``"svd"`` (exact, the reference) or ``"randomized"``
       (subspace iteration warm-started from the previous projector).
     projector_dtype: storage of the projectors: ``"float32"`` (default),
-      ``"bfloat16"`` or ``"int8"`` (block-wise 8-bit codes with one float32
-      scale per 256 values, in the spirit of Q-GaLore's INT4 projectors).
-      They are dequantised on the fly; products are computed in float32.
+      ``"bfloat16"``, ``"int8"`` (block-wise 8-bit codes with one float32
+      scale per 256 values) or ``"int4"`` (Q-GaLore's: groups of 256
+      values quantised asymmetrically to 16 levels, two to a byte; see
+      ``projector_storage``). They are dequantised on the fly; products are
+      computed in float32.
     stagger_refresh: spread the refreshes over the window so that no single
       step recomputes every projector (all leaves still refresh at update
       0). Leaves of equal shape, dtype and sharding are refreshed together
@@ -241,6 +275,17 @@ def galore_project(
       drawn from it and the update count (one per test-matrix shape, shared by
       the leaves refreshed in that update), so runs and resumed runs
       reproduce.
+    refresh_schedule: ``"fixed"`` (default): every ``T`` updates. ``"lazy"``
+      (Q-GaLore's layer-adaptive schedule, ``galore_optax.lazy_refresh``):
+      each matrix starts with interval ``T`` and doubles it whenever the
+      mean cosine similarity of the leading singular vectors of its last
+      ``lazy_queue_size`` successive projectors reaches ``lazy_threshold``.
+      Needs ``moments="keep"``; with ``projector_dtype="int8"``, no stacked
+      leaves (raises at ``init``).
+    lazy_queue_size: similarities averaged by the lazy schedule (the
+      reference's 5).
+    lazy_threshold: mean similarity at which a matrix's interval doubles
+      (the reference's 0.4).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -251,10 +296,14 @@ def galore_project(
   rank, gap = _check_arguments(rank, update_proj_gap, scale, proj_type,
                                projector_method, projector_dtype,
                                stagger_refresh, moments, matrix_axes, seed)
+  queue_size = _check_lazy_arguments(refresh_schedule, lazy_queue_size,
+                                     lazy_threshold, moments)
+  lazy = (lazy_refresh.LazySchedule(gap, queue_size, lazy_threshold)
+          if refresh_schedule == "lazy" else None)
   inner = optax.with_extra_args_support(inner)
   policy = refresh.RefreshPolicy(inner, gap, stagger_refresh,
                                  projector_method, projector_dtype, moments,
-                                 seed)
+                                 seed, lazy)
 
   def init_fn(params: optax.Params) -> GaLoreState:
     names, leaves, treedef, _ = _named_matrices(params, matrix_axes)
@@ -273,6 +322,9 @@ def galore_project(
         count=jnp.zeros([], jnp.int32),
         projectors=projectors,
         inner_state=inner_state,
+        refresh_state={} if lazy is None else {
+            names[i]: lazy.init(plan, projector_dtype)
+            for i, plan in plans.items()},
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -283,7 +335,8 @@ def galore_project(
     # "reset", the inner state).
     refreshed = policy.refresh_due(
         grads, plans, {i: state.projectors[names[i]] for i in plans},
-        state.inner_state, state.count, treedef)
+        state.inner_state, state.count, treedef,
+        {i: state.refresh_state[names[i]] for i in plans} if lazy else None)
     # 2. Project the gradients.
     factors = {i: projector_storage.load(refreshed.projectors[i])
                for i in plans}
@@ -313,6 +366,8 @@ def galore_project(
         count=optax.safe_increment(state.count),
         projectors={names[i]: refreshed.projectors[i] for i in plans},
         inner_state=inner_state,
+        refresh_state={names[i]: refreshed.schedule_states[i]
+                       for i in plans} if lazy else {},
     )
     return treedef.unflatten(full), new_state
 

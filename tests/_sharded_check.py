@@ -58,6 +58,12 @@ def main():
       "galore_adamw_8bit-svd-int8proj": lambda: galore_optax.galore_adamw_8bit(
           1e-2, rank=4, update_proj_gap=2, target_modules=targets,
           min_size=256, projector_dtype="int8"),
+      # Q-GaLore's lazy schedule (always doubling: queue 1, threshold -1, so
+      # no decision hangs on float32 rounding) with int4 projectors.
+      "galore_adamw-svd-lazy-int4proj": lambda: galore_optax.galore_adamw(
+          1e-2, rank=4, update_proj_gap=1, target_modules=targets,
+          refresh_schedule="lazy", lazy_queue_size=1, lazy_threshold=-1.0,
+          projector_dtype="int4"),
   }
   for name, make in optimizers.items():
     single = run(make(), lambda tree: tree)

@@ -19,7 +19,8 @@ GALORE_ALIASES = (galore_optax.galore_adamw, galore_optax.galore_adamw_8bit,
 GIVEN = dict(rank=3, update_proj_gap=7, scale=0.5, proj_type="left",
              projector_method="randomized", projector_dtype="int8",
              stagger_refresh=True, moments="project",
-             matrix_axes={"attn": ([0], [1])}, seed=11)
+             matrix_axes={"attn": ([0], [1])}, seed=11,
+             refresh_schedule="lazy", lazy_queue_size=3, lazy_threshold=0.5)
 
 
 def test_options_are_galore_projects_keyword_arguments():

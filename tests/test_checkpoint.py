@@ -23,6 +23,13 @@ OPTIMIZERS = {
     "galore_adamw_8bit_int8_projector": lambda: galore_optax.galore_adamw_8bit(
         1e-2, rank=8, update_proj_gap=3, target_modules=TARGETS,
         projector_dtype="int8", min_size=256),
+    # Always doubles (queue 1, threshold -1): refreshes at 0, 1, 2, 4, 8, so
+    # the restored intervals decide the refresh at update 4.
+    "galore_adamw_8bit_lazy_int4_projector": lambda: (
+        galore_optax.galore_adamw_8bit(
+            1e-2, rank=8, update_proj_gap=1, target_modules=TARGETS,
+            refresh_schedule="lazy", lazy_queue_size=1, lazy_threshold=-1.0,
+            projector_dtype="int4", min_size=256)),
     "adamw_8bit": lambda: galore_optax.adamw_8bit(1e-2, min_size=256),
 }
 

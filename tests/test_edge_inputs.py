@@ -75,7 +75,7 @@ ZERO_SIZE_CASES = {
         projector_dtype="bfloat16", stagger_refresh=True),
     "adamw_8bit_left_svd_int8_matrix_axes": lambda: go.galore_adamw_8bit(
         1e-2, **GALORE, min_size=1, proj_type="left", projector_dtype="int8",
-        matrix_axes={"s.kernel": ([1], [0, 2])}),
+        matrix_axes={"s": ([1], [0, 2])}),
     "adafactor_full_randomized": lambda: go.galore_adafactor(
         1e-2, **GALORE, proj_type="full", projector_method="randomized"),
     "adamw_8bit_full_size": lambda: go.adamw_8bit(1e-2, min_size=1),
@@ -137,8 +137,8 @@ def test_empty_leaves_in_the_per_layer_step(name, accumulate_steps):
   def run(params, loss_fn):
     params = {module: {"kernel": x} for module, x in params.items()}
     init, step = lw.make_layerwise_step(
-        loss_fn, tx(), per_layer=["stack.kernel", "no_layers.kernel",
-                                  "empty_layers.kernel"],
+        loss_fn, tx(), per_layer=["stack", "no_layers",
+                                  "empty_layers"],
         accumulate_steps=accumulate_steps, jit=False)
     step = jax.jit(step, compiler_options=FAST)
     state = init(params)

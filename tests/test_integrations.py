@@ -74,23 +74,35 @@ def test_chain_with_global_norm_clipping():
   _assert_learns(_train_pure(tx, _params()))
 
 
-def test_inject_hyperparams_with_schedule():
+# Lazy refresh: a traced threshold, int4 projectors (gap 5 over 40 steps
+# fills the queue); its queue size fixes a shape, so it is static.
+@pytest.mark.parametrize("options,static", [
+    ({}, ()),
+    ({"refresh_schedule": "lazy", "lazy_threshold": 0.4,
+      "projector_dtype": "int4"}, ("lazy_queue_size",))],
+    ids=["fixed", "lazy"])
+def test_inject_hyperparams_with_schedule(options, static):
   schedule = optax.warmup_cosine_decay_schedule(0.0, 5e-2, 5, 40, 5e-3)
-  tx = optax.inject_hyperparams(galore_adamw,
-                                static_args=("rank", "update_proj_gap"))(
+  tx = optax.inject_hyperparams(galore_adamw, static_args=(
+      "rank", "update_proj_gap", *static))(
                                     learning_rate=schedule, rank=4,
                                     update_proj_gap=5,
-                                    target_modules=["attn", "mlp"])
+                                    target_modules=["attn", "mlp"],
+                                    **options)
   params = _params()
   state = tx.init(params)
   assert float(state.hyperparams["learning_rate"]) == 0.0
   _assert_learns(_train_pure(tx, params))
 
 
-def test_inject_hyperparams_without_static_args_explains_fix():
+@pytest.mark.parametrize("options", [
+    {"rank": 4}, {"refresh_schedule": "lazy", "lazy_queue_size": 3}],
+    ids=["rank", "lazy_queue_size"])
+def test_inject_hyperparams_without_static_args_explains_fix(options):
   with pytest.raises(ValueError, match="static_args"):
-    optax.inject_hyperparams(galore_adamw)(learning_rate=1e-2, rank=4).init(
-        _params())
+    optax.inject_hyperparams(galore_adamw, static_args=(
+        () if "rank" in options else ("rank",)))(
+            learning_rate=1e-2, **options).init(_params())
 
 
 def test_multi_steps_accumulates():

@@ -64,7 +64,7 @@ def _batch(t):
 
 
 def _make(tx, **kwargs):
-  steps = lw.make_layerwise_step(loss_fn, tx, per_layer=["layers.kernel"],
+  steps = lw.make_layerwise_step(loss_fn, tx, per_layer=["layers"],
                                  jit=False, **kwargs)
   return steps, jax.jit(steps.step, donate_argnums=(0, 1),
                         compiler_options=FAST)
@@ -159,7 +159,7 @@ def test_compiles_once_across_refresh_and_ordinary_steps():
 
   params = _params()
   steps = lw.make_layerwise_step(counted, OPTIMIZERS["galore_adamw_8bit"](),
-                                 per_layer=["layers.kernel"],
+                                 per_layer=["layers"],
                                  accumulate_steps=2,
                                  jit=False)
   step = jax.jit(steps.step, compiler_options=FAST)
@@ -184,7 +184,7 @@ def test_parameter_dtypes(name):
 
   steps = lw.make_layerwise_step(
       loss, OPTIMIZERS[name](), jit=False,
-      per_layer=[f"{jnp.dtype(d).name}.layers.kernel" for d in dtypes])
+      per_layer=[f"{jnp.dtype(d).name}.layers" for d in dtypes])
   step = jax.jit(steps.step, compiler_options=FAST)
   state = steps.init(params)
   for t in range(GAP + 1):

@@ -25,6 +25,12 @@ def _q8(n):
   return n + 4 * math.ceil(n / BLOCK)
 
 
+def _q4(n):
+  """Bytes of one int4 projector factor of n values: two codes a byte, a
+  float32 scale and a uint8 zero point per group of 256 values."""
+  return n // 2 + 5 * math.ceil(n / BLOCK)
+
+
 def _hand_count_7b(projector: str) -> int:
   d, f, layers, vocab, r = 4096, 11008, 32, 32000, 1024
   # Target matrices (Flax kernels are (in, out)); "std" keeps the larger side.
@@ -34,7 +40,7 @@ def _hand_count_7b(projector: str) -> int:
   lows = [attn_low] * 4 + [mlp_low] * 2 + [down_low]
   projs = [attn_proj] * 4 + [mlp_proj] * 2 + [down_proj]
   per_proj = {"float32": lambda n: 4 * n, "bfloat16": lambda n: 2 * n,
-              "int8": _q8}[projector]
+              "int8": _q8, "int4": _q4}[projector]
   per_layer = sum(2 * _q8(n) for n in lows) + sum(per_proj(n) for n in projs)
   per_layer += 2 * 2 * _q8(d)  # two norms, mu and nu, 4096 >= min_size
   rest = 2 * 2 * _q8(vocab * d) + 2 * _q8(d)  # embedding, head, final norm
@@ -53,7 +59,8 @@ def _bytes(tx):
 def test_7b_galore_adamw_8bit_matches_hand_count_and_targets():
   adamw = _bytes(optax.adamw(1e-3))
   assert adamw == 2 * 2 * 6_738_415_616 + 4  # bf16 mu and nu, int32 count
-  for projector, limit in (("bfloat16", 0.215), ("int8", 0.18)):
+  for projector, limit in (("bfloat16", 0.215), ("int8", 0.18),
+                           ("int4", 0.16)):
     ours = _bytes(galore_adamw_8bit(1e-3, rank=1024,
                                     target_modules=["attn", "mlp"],
                                     projector_dtype=projector))

@@ -1,4 +1,6 @@
-"""projector_storage: float32, bfloat16 and int8 projectors."""
+"""projector_storage: float32, bfloat16, int8 and int4 projectors."""
+
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +76,11 @@ def test_factor_shape_and_masked_sides(dtype, proj_type):
   assert jax.tree.structure(loaded) == jax.tree.structure(projector)
 
 
-@pytest.mark.parametrize("dtype", projector_storage.PROJECTOR_DTYPES)
+# Not int4: the reference's asymmetric rounding moves a dequantised group's
+# extremes, so re-quantising is not exact; a refresh keeps int4 bits through
+# ``store_refreshed`` instead (tested below).
+@pytest.mark.parametrize("dtype", [d for d in projector_storage.PROJECTOR_DTYPES
+                                   if d != "int4"])
 def test_storing_a_loaded_projector_gives_the_same_storage(dtype):
   # What a refresh that keeps the previous projector does: load, store.
   projector, _ = _projector()
@@ -85,3 +91,58 @@ def test_storing_a_loaded_projector_gives_the_same_storage(dtype):
   for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(stored)):
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
+
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "q_galore.npz"
+
+
+@pytest.mark.parametrize("case", ["right", "left", "wide_rank"])
+def test_int4_equals_q_galore_torch(case):
+  # fixtures/generate_q_galore.py: q_galore_torch's int4 projector storage
+  # (groups of 256 values of the row-major matrix) of a real projector.
+  with np.load(FIXTURE) as f:
+    ref = {k.split("/")[-1]: f[k] for k in f.files
+           if k.startswith(f"int4/{case}/")}
+  stored = projector_storage.quantize_int4(jnp.asarray(ref["float"]))
+  assert stored.codes.size * 2 == ref["float"].size  # half a byte a value
+  codes = np.stack([stored.codes & 15, stored.codes >> 4], -1).reshape(-1)
+  np.testing.assert_array_equal(codes, ref["codes"].reshape(-1))
+  np.testing.assert_array_equal(stored.zeros, ref["zeros"])
+  # XLA:CPU's float32 division may round the step size ((max - min) / 15)
+  # one ulp away from torch's, which moves each dequantised value by at
+  # most 15 such ulps (|code - zero| <= 15).
+  np.testing.assert_allclose(stored.scales, ref["scales"], rtol=2**-23,
+                             atol=0)
+  ulp = np.spacing(np.max(ref["scales"]))
+  np.testing.assert_allclose(projector_storage.dequantize_int4(stored),
+                             ref["dequantized"], rtol=0, atol=16 * ulp)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 5), (7, 3), (2, 256, 8)])
+def test_int4_layout_and_rounding(shape):
+  x = jax.random.normal(jax.random.key(1), shape)
+  stored = projector_storage.quantize_int4(x)
+  *batch, rows, cols = shape
+  groups = -(-rows * cols // projector_storage.BLOCK_SIZE)
+  assert stored.codes.shape == (*batch, rows, -(-cols // 2))
+  assert stored.codes.dtype == stored.zeros.dtype == jnp.uint8
+  assert stored.scales.shape == stored.zeros.shape == (*batch, groups)
+  assert projector_storage.factor_shape(stored) == shape
+  # Round to nearest: within half a step of each group's scale.
+  loaded = projector_storage.dequantize_int4(stored)
+  step = float(jnp.max(stored.scales))
+  np.testing.assert_allclose(loaded, x, rtol=0, atol=0.5 * step * (1 + 1e-5))
+
+
+def test_store_refreshed_keeps_int4_bits_of_unchanged_matrices():
+  projector, plan = _projector()
+  stored = projector_storage.store(projector, "int4")
+  loaded = projector_storage.load(stored)
+  # Matrix 0 refreshed, matrices 1 and 2 kept their (dequantised) factors.
+  new = jax.tree.map(lambda a, b: a.at[0].set(b[0]), loaded, projector)
+  again = projector_storage.store_refreshed(new, stored, "int4")
+  fresh = projector_storage.store(new, "int4")
+  for got, kept, want in zip(jax.tree.leaves(again), jax.tree.leaves(stored),
+                             jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(got[1:], kept[1:])
+    np.testing.assert_array_equal(got[0], want[0])

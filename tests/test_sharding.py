@@ -4,10 +4,10 @@ Runs ``tests/_sharded_check.py`` and ``tests/_sharded_stacked_check.py`` in
 subprocesses, because the device count must be set before JAX initialises:
 FSDP-style row and column sharding, tall, wide and stacked leaves, ``Auto``
 and ``Explicit`` mesh axis types, exact and randomized projectors, the
-project and reset moment policies, 8-bit states, int8 projectors, and int8
-weights updated with stochastic rounding; and stacked ``(L, m, n)`` leaves
-sharded over every axis and pair of axes, through the optimizers and the
-per-layer step.
+project and reset moment policies, 8-bit states, int8 projectors, the lazy
+refresh schedule with int4 projectors, and int8 weights updated with
+stochastic rounding; and stacked ``(L, m, n)`` leaves sharded over every axis
+and pair of axes, through the optimizers and the per-layer step.
 """
 
 import os
@@ -33,7 +33,7 @@ def _run_check(script: str) -> str:
 
 def test_sharded_equals_single_device():
   stdout = _run_check("_sharded_check.py")
-  assert stdout.count("ok ") == 12, stdout
+  assert stdout.count("ok ") == 14, stdout
 
 
 def test_stacked_leaves_every_sharding_equal_single_device():

@@ -177,7 +177,7 @@ def test_donated_step_does_not_copy_the_weights(monkeypatch, stagger_refresh):
     ({"update_proj_gap": -1}, "update_proj_gap"),
     ({"proj_type": "diag"}, "proj_type"),
     ({"projector_method": "qr"}, "projector_method"),
-    ({"projector_dtype": "int4"}, "projector_dtype"),
+    ({"projector_dtype": "int2"}, "projector_dtype"),
     ({"scale": float("nan")}, "scale"),
     ({"moments": "rotate"}, "moments"),
     ({"matrix_axes": 3}, "matrix_axes"),
