@@ -14,9 +14,12 @@ import jax.numpy as jnp
 import optax
 
 from galore_optax import matrix_view
+from galore_optax import norm_scaling
 from galore_optax import ordering
+from galore_optax import output_rules
 from galore_optax import projection
 from galore_optax import projector_storage
+from galore_optax import random_projection
 from galore_optax import refresh
 from galore_optax._checks import check_choice
 from galore_optax._checks import check_finite_number
@@ -25,6 +28,8 @@ from galore_optax.matrix_view import MatrixAxes
 from galore_optax.targets import path_to_name
 
 MOMENT_POLICIES = ("keep", "project", "reset")
+# ``galore_project``'s projector methods: computed ones, and random ones.
+PROJECTOR_METHODS = projection.PROJECTOR_METHODS + (random_projection.METHOD,)
 
 
 class GaLoreState(NamedTuple):
@@ -38,11 +43,16 @@ class GaLoreState(NamedTuple):
       (e.g. Flax NNX variables) never wrap it.
     inner_state: the inner transformation's state, built for the low-rank
       shapes of the projected leaves and the full shapes of the others.
+    limiter_norms: for ``output`` rules with a norm-growth limiter (Fira,
+      APOLLO), a dict from each projected leaf's name to its float32 state,
+      one value per matrix (``norm_scaling.limit_norm_growth``); empty for
+      ``output="galore"``.
   """
 
   count: jax.Array
   projectors: Any
   inner_state: optax.OptState
+  limiter_norms: Any = {}
 
 
 def _named_matrices(
@@ -120,10 +130,30 @@ def _codes_after(inner_state: optax.OptState,
                             for x, c in zip(leaves, is_code)])
 
 
+def _limited_outputs(output: str, scale: float, names: list[str],
+                     grads: list[jax.Array], lowrank: list[jax.Array],
+                     inner_updates: list[jax.Array],
+                     factors: dict[int, projection.Projector],
+                     plans: dict[int, projection.LeafPlan],
+                     limiter_norms: dict[str, jax.Array]
+                     ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+  """Step 4 for an ``output`` rule with a norm-growth limiter: every
+  projected leaf's full-size update (in its gradient's dtype) and the
+  limiters' new states."""
+  full, norms = list(inner_updates), {}
+  for i, plan in plans.items():
+    u, norms[names[i]] = output_rules.full_size_update(
+        output, grads[i], lowrank[i], inner_updates[i], factors[i], plan,
+        scale, limiter_norms[names[i]])
+    full[i] = u.astype(grads[i].dtype)
+  return full, norms
+
+
 def _check_arguments(rank: Any, update_proj_gap: Any, scale: Any,
                      proj_type: Any, projector_method: Any,
                      projector_dtype: Any, stagger_refresh: bool,
-                     moments: Any, matrix_axes: Any) -> tuple[int, int]:
+                     moments: Any, matrix_axes: Any,
+                     output: Any) -> tuple[int, int]:
   """Raises a ValueError for a bad ``galore_project`` argument.
 
   Returns:
@@ -133,11 +163,18 @@ def _check_arguments(rank: Any, update_proj_gap: Any, scale: Any,
   gap = check_positive_int("update_proj_gap", update_proj_gap)
   check_finite_number("scale", scale)
   check_choice("proj_type", proj_type, projection.PROJ_TYPES)
-  check_choice("projector_method", projector_method,
-               projection.PROJECTOR_METHODS)
+  check_choice("projector_method", projector_method, PROJECTOR_METHODS)
   check_choice("projector_dtype", projector_dtype,
                projector_storage.PROJECTOR_DTYPES)
   check_choice("moments", moments, MOMENT_POLICIES)
+  check_choice("output", output, output_rules.OUTPUT_RULES)
+  output_rules.check_output(output, proj_type)
+  if projector_method == random_projection.METHOD and (
+      moments != "keep" or stagger_refresh):
+    raise ValueError(
+        "projector_method='random' draws every projector at updates 0, T, "
+        "2T, ... from the seed alone: it needs moments='keep' and "
+        "stagger_refresh=False.")
   if not matrix_view.is_matrix_axes(matrix_axes):
     raise ValueError(
         "matrix_axes must be None or a dict {name: (row_axes, col_axes)}, got "
@@ -162,6 +199,7 @@ def galore_project(
     moments: str = "keep",
     matrix_axes: MatrixAxes | None = None,
     seed: int = 0,
+    output: str = "galore",
 ) -> optax.GradientTransformationExtraArgs:
   """Runs ``inner`` on gradients projected onto a rank-``r`` subspace.
 
@@ -170,7 +208,8 @@ def galore_project(
   the top-``r`` singular vectors of a recent gradient, ``inner`` runs on the
   small projected matrix (so its state is small), and ``inner``'s update is
   projected back to the leaf's shape and multiplied by ``scale``. Leaves with
-  fewer than two dimensions go through ``inner`` at full size.
+  fewer than two dimensions go through ``inner`` at full size. ``output``
+  chooses another use of the low-rank result (Fira, APOLLO).
 
   The projector is recomputed from the current gradient at updates
   ``0, T, 2T, ...`` (``T = update_proj_gap``) inside the compiled step (a
@@ -189,8 +228,10 @@ def galore_project(
     scale: ``alpha``, multiplies the back-projected update.
     proj_type: ``"std"``, ``"reverse_std"``, ``"left"``, ``"right"`` or
       ``"full"``; see ``galore_optax.projection``.
-    projector_method: ``"svd"`` (exact, the reference) or ``"randomized"``
-      (subspace iteration warm-started from the previous projector).
+    projector_method: ``"svd"`` (exact, the reference), ``"randomized"``
+      (subspace iteration warm-started from the previous projector) or
+      ``"random"`` (APOLLO's Gaussian projection, drawn from ``seed``, the
+      leaf's name and the refresh; see ``galore_optax.random_projection``).
     projector_dtype: storage of the projectors: ``"float32"`` (default),
       ``"bfloat16"`` or ``"int8"`` (block-wise 8-bit codes with one float32
       scale per 256 values, in the spirit of Q-GaLore's INT4 projectors).
@@ -224,16 +265,22 @@ def galore_project(
       drawn from it and the update count (one per test-matrix shape, shared by
       the leaves refreshed in that update), so runs and resumed runs
       reproduce.
+    output: what the low-rank result is used for (see
+      ``galore_optax.output_rules``): ``"galore"`` (back-projected, times
+      ``scale``), ``"fira"`` (plus the scaled residual of the gradient),
+      ``"apollo_channel"`` or ``"apollo_tensor"`` (the raw gradient scaled
+      per channel or per matrix, times ``sqrt(scale)``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   References:
-    Zhao et al., 2024, arXiv 2403.03507.
+    Zhao et al., 2024, arXiv 2403.03507; Chen et al., 2024, arXiv
+    2410.01623 (Fira); Zhu et al., 2024, arXiv 2412.05270 (APOLLO).
   """
   rank, gap = _check_arguments(rank, update_proj_gap, scale, proj_type,
                                projector_method, projector_dtype,
-                               stagger_refresh, moments, matrix_axes)
+                               stagger_refresh, moments, matrix_axes, output)
   inner = optax.with_extra_args_support(inner)
   policy = refresh.RefreshPolicy(inner, gap, stagger_refresh,
                                  projector_method, projector_dtype, moments,
@@ -255,6 +302,9 @@ def galore_project(
         count=jnp.zeros([], jnp.int32),
         projectors=projectors,
         inner_state=inner_state,
+        limiter_norms={names[i]: norm_scaling.initial_norms(plan)
+                       for i, plan in plans.items()
+                       if output_rules.has_limiter(output)},
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -263,9 +313,14 @@ def galore_project(
     plans = _leaf_plans(grads, rank, proj_type)
     # 1. Refresh the projectors that are due (and, with moments="project" or
     # "reset", the inner state).
-    refreshed = policy.refresh_due(
-        grads, plans, {i: state.projectors[names[i]] for i in plans},
-        state.inner_state, state.count, treedef)
+    stored = {i: state.projectors[names[i]] for i in plans}
+    if projector_method == random_projection.METHOD:
+      refreshed = random_projection.refresh_due(
+          names, grads, plans, stored, state.inner_state, state.count, gap,
+          seed, projector_dtype)
+    else:
+      refreshed = policy.refresh_due(grads, plans, stored, state.inner_state,
+                                     state.count, treedef)
     # 2. Project the gradients.
     factors = {i: projector_storage.load(refreshed.projectors[i])
                for i in plans}
@@ -282,19 +337,27 @@ def galore_project(
     # become a full-size constant array wherever XLA cannot fuse the product
     # into the back-projection (XLA:CPU); as an opaque scalar it is
     # broadcast inside the fusion.
-    alpha = jax.lax.optimization_barrier(jnp.asarray(scale, jnp.float32))
-    waits_for = refreshed.gradients_ready
-    full = []
-    for i, (u, leaf) in enumerate(zip(inner_updates, jax.tree.leaves(updates))):
-      if i in plans:
-        u = _back_project(u, factors[i], plans[i], alpha,
-                          waits_for).astype(grads[i].dtype)
-        waits_for = [u]
-      full.append(matrix_view.from_matrix(u, views[i], tuple(leaf.shape)))
+    if output_rules.has_limiter(output):
+      inner_updates, limiter_norms = _limited_outputs(
+          output, scale, names, grads, lowrank, inner_updates, factors, plans,
+          state.limiter_norms)
+    else:
+      limiter_norms = state.limiter_norms
+      alpha = jax.lax.optimization_barrier(jnp.asarray(scale, jnp.float32))
+      waits_for = refreshed.gradients_ready
+      for i in plans:
+        inner_updates[i] = _back_project(
+            inner_updates[i], factors[i], plans[i], alpha,
+            waits_for).astype(grads[i].dtype)
+        waits_for = [inner_updates[i]]
+    full = [matrix_view.from_matrix(u, views[i], tuple(leaf.shape))
+            for i, (u, leaf) in enumerate(zip(inner_updates,
+                                              jax.tree.leaves(updates)))]
     new_state = GaLoreState(
         count=optax.safe_increment(state.count),
         projectors={names[i]: refreshed.projectors[i] for i in plans},
         inner_state=inner_state,
+        limiter_norms=limiter_norms,
     )
     return treedef.unflatten(full), new_state
 
