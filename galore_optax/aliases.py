@@ -53,7 +53,12 @@ class GaLoreOptions(TypedDict, total=False):
       what happens to the moments at a refresh.
     matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
       is not their last two axes.
-    seed: seed of the randomized projector's random test matrices.
+    seed: seed of the randomized projector's random test matrices (and of
+      the random projectors).
+    output: what the low-rank result is used for: ``galore`` (default),
+      ``fira``, ``apollo_channel`` or ``apollo_tensor``
+      (``galore_optax.output_rules``). Set by ``fira_adamw``,
+      ``apollo_adamw`` and ``apollo_mini`` themselves.
   """
 
   rank: int
@@ -66,6 +71,7 @@ class GaLoreOptions(TypedDict, total=False):
   moments: str
   matrix_axes: MatrixAxes | None
   seed: int
+  output: str
 
 
 def galore_option_defaults() -> dict[str, Any]:
@@ -84,8 +90,8 @@ def _galore_option_parameters() -> list[inspect.Parameter]:
 
 
 def _lists_galore_options(alias: _Alias,
-                          defaults: Mapping[str, Any] | None = None
-                          ) -> _Alias:
+                          defaults: Mapping[str, Any] | None = None,
+                          exclude: tuple[str, ...] = ()) -> _Alias:
   """Gives an alias taking ``**galore_options`` an explicit signature.
 
   The signature (what ``inspect.signature``, ``help``,
@@ -99,6 +105,7 @@ def _lists_galore_options(alias: _Alias,
     defaults: the alias' own defaults of some options, shown instead of
       ``galore_project``'s (the alias applies them, see
       ``_with_option_defaults``).
+    exclude: options the alias sets itself (not in its signature).
 
   Returns:
     ``alias``, with ``__signature__`` set.
@@ -109,7 +116,7 @@ def _lists_galore_options(alias: _Alias,
          if p.kind != inspect.Parameter.VAR_KEYWORD]
   alias.__signature__ = signature.replace(parameters=own + [
       p.replace(default=defaults.get(p.name, p.default))
-      for p in _galore_option_parameters()])
+      for p in _galore_option_parameters() if p.name not in exclude])
   return alias
 
 
@@ -124,7 +131,7 @@ def _with_option_defaults(**defaults: Any) -> Callable[[_Alias], _Alias]:
     def with_defaults(*args, **kwargs):
       return alias(*args, **{**defaults, **kwargs})
 
-    return _lists_galore_options(with_defaults, defaults)
+    return _lists_galore_options(with_defaults, defaults, ("output",))
 
   return decorate
 
@@ -169,11 +176,12 @@ def _galore_chain(
     TypeError: for an option that ``GaLoreOptions`` does not declare.
   """
   _check_galore_options(alias, options)
+  rule = {} if output == "galore" else {"output": output}
   return optax.chain(
       optax.partition(
           {
-              targets.GALORE_LABEL: galore_project(make_inner(),
-                                                   output=output, **options),
+              targets.GALORE_LABEL: galore_project(make_inner(), **rule,
+                                                   **options),
               targets.FULL_RANK_LABEL: make_inner(),
           },
           targets.galore_labels(target_modules),
@@ -457,6 +465,9 @@ def _split_adam_chain(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
+  if "output" in options:
+    raise TypeError(f"{alias}() sets galore_project's output itself "
+                    f"({output!r}); got output={options['output']!r}.")
   return _galore_chain(
       adam, scale_by_adam_bias_correction(b1, b2),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
@@ -476,7 +487,7 @@ def _uncorrected_adam(b1: float, b2: float, eps: float, block_size: int,
       block_size=block_size, min_size=min_size)
 
 
-@_lists_galore_options
+@_with_option_defaults()
 def fira_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
