@@ -58,6 +58,12 @@ def main():
       "galore_adamw_8bit-svd-int8proj": lambda: galore_optax.galore_adamw_8bit(
           1e-2, rank=4, update_proj_gap=2, target_modules=targets,
           min_size=256, projector_dtype="int8"),
+      # Fira's per-column factors and limiter; APOLLO's random projectors
+      # (drawn replicated, then resharded like the SVD's).
+      "fira_adamw-svd": lambda: galore_optax.fira_adamw(
+          1e-2, rank=4, update_proj_gap=2, target_modules=targets),
+      "apollo_adamw-random": lambda: galore_optax.apollo_adamw(
+          1e-2, rank=4, update_proj_gap=2, target_modules=targets),
   }
   for name, make in optimizers.items():
     single = run(make(), lambda tree: tree)

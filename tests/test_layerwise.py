@@ -144,6 +144,12 @@ OPTIMIZERS = {
         min_size=64),
     "galore_adafactor": lambda: go.galore_adafactor(
         LR, rank=4, update_proj_gap=GAP, target_modules=["attn", "mlp"]),
+    "fira_adamw": lambda: go.fira_adamw(
+        LR, rank=4, update_proj_gap=GAP, eps=1e-6, weight_decay=0.1,
+        target_modules=["attn", "mlp"]),
+    "apollo_adamw": lambda: go.apollo_adamw(
+        LR, rank=4, update_proj_gap=GAP, eps=1e-6, weight_decay=0.1,
+        target_modules=["attn", "mlp"]),
 }
 
 
