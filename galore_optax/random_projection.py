@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_optax import ordering
 from galore_optax import projection
 from galore_optax import projector_storage
 from galore_optax import refresh
@@ -76,7 +75,7 @@ def gaussian_projector(key: jax.Array,
       else optax.MaskedNode())
 
 
-def refresh_due(names: list[str], grads: list[jax.Array],
+def refresh_due(names: list[str],
                 plans: dict[int, projection.LeafPlan],
                 stored: dict[int, projection.Projector],
                 inner_state: optax.OptState, count: jax.Array, gap: int,
@@ -85,7 +84,6 @@ def refresh_due(names: list[str], grads: list[jax.Array],
 
   Args:
     names: every leaf's path name.
-    grads: every leaf's gradient, as matrices.
     plans: by leaf index, the projected leaves' plans.
     stored: by leaf index, their stored projectors.
     inner_state: the inner state (returned as it is).
@@ -96,7 +94,7 @@ def refresh_due(names: list[str], grads: list[jax.Array],
 
   Returns:
     The projectors, redrawn where due, the inner state, and per projected
-    leaf an array computed once its gradient exists.
+    leaf one array of its projector.
   """
   due = refresh.is_due(count, 0, gap)
   new = {}
@@ -104,5 +102,7 @@ def refresh_due(names: list[str], grads: list[jax.Array],
     draw = lambda i=i, plan=plan: projector_storage.store(gaussian_projector(
         leaf_key(seed, names[i], count // gap), plan), projector_dtype)
     new[i] = jax.lax.cond(due, draw, lambda i=i: stored[i])
+  # No refresh reads a gradient, so nothing here stands for the gradients
+  # (galore_project's back-projections then wait for the projectors only).
   return refresh.Refreshed(
-      new, inner_state, [ordering.first_element(grads[i]) for i in plans])
+      new, inner_state, [jax.tree.leaves(new[i])[0] for i in plans])

@@ -316,7 +316,7 @@ def galore_project(
     stored = {i: state.projectors[names[i]] for i in plans}
     if projector_method == random_projection.METHOD:
       refreshed = random_projection.refresh_due(
-          names, grads, plans, stored, state.inner_state, state.count, gap,
+          names, plans, stored, state.inner_state, state.count, gap,
           seed, projector_dtype)
     else:
       refreshed = policy.refresh_due(grads, plans, stored, state.inner_state,

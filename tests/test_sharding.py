@@ -20,4 +20,4 @@ def test_sharded_equals_single_device():
   out = subprocess.run([sys.executable, str(script)], env=env,
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout + out.stderr
-  assert out.stdout.count("ok ") == 12, out.stdout
+  assert out.stdout.count("ok ") == 16, out.stdout
