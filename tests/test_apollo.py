@@ -71,25 +71,27 @@ def test_apollo_with_own_svd_matches_reference(ref, shape):
   parity.compare(ours, ref, case, RTOL, SVD_ATOL)
 
 
-def _random_run(params, steps, gap=2, seed=0, state=None):
-  tx = galore_optax.galore_project(
-      optax.scale_by_adam(), rank=2, update_proj_gap=gap, scale=1.0,
-      projector_method="random", output="apollo_channel", seed=seed)
-  state = tx.init(params) if state is None else state
-  update = jax.jit(tx.update)
+RANDOM_PARAMS = {"a": jnp.zeros((6, 8)), "b": jnp.zeros((6, 8)),
+                 "s": jnp.zeros((3, 8, 6))}
+RANDOM_TX = galore_optax.galore_project(
+    optax.scale_by_adam(), rank=2, update_proj_gap=2, scale=1.0,
+    projector_method="random", output="apollo_channel")
+RANDOM_UPDATE = jax.jit(RANDOM_TX.update)  # compiled once for the test
+
+
+def _random_run(start, stop, state):
   projectors = []
-  for t in range(steps):
+  for t in range(start, stop):
     grads = jax.tree.map(
-        lambda x: jax.random.normal(jax.random.key(t), x.shape), params)
-    _, state = update(grads, state, params)
+        lambda x: jax.random.normal(jax.random.key(t), x.shape),
+        RANDOM_PARAMS)
+    _, state = RANDOM_UPDATE(grads, state, RANDOM_PARAMS)
     projectors.append(state.projectors)
   return projectors, state
 
 
 def test_random_projectors_depend_on_seed_leaf_and_refresh_only():
-  params = {"a": jnp.zeros((6, 8)), "b": jnp.zeros((6, 8)),
-            "s": jnp.zeros((3, 8, 6))}
-  projectors, state = _random_run(params, 5)
+  projectors, _ = _random_run(0, 5, RANDOM_TX.init(RANDOM_PARAMS))
   left = lambda p, name: np.asarray(p[name].left)
   # Regenerated at refreshes (updates 0, 2, 4) only.
   np.testing.assert_array_equal(left(projectors[0], "a"),
@@ -99,18 +101,17 @@ def test_random_projectors_depend_on_seed_leaf_and_refresh_only():
   assert not np.allclose(left(projectors[0], "a"), left(projectors[0], "b"))
   stack = np.asarray(projectors[0]["s"].right)
   assert stack.shape == (3, 2, 6) and not np.allclose(stack[0], stack[1])
-  # The key: seed, the leaf's name, count // gap; entries N(0, 1/r).
-  key = random_projection.leaf_key(0, "a", jnp.asarray(2))
+  # The key: seed, the leaf's name, count // gap; entries N(0, 1/r) (to
+  # rounding: XLA may turn the division by sqrt(r) into a product).
   plan = projection.plan_leaf((6, 8), 2, "std")
-  # (to rounding: XLA may turn the division by sqrt(r) into a product)
-  np.testing.assert_allclose(
-      left(projectors[4], "a"),
-      random_projection.gaussian_projector(key, plan).left, rtol=1e-6)
-  # Another seed, other matrices; a resumed run draws the same ones.
-  other, _ = _random_run(params, 1, seed=1)
-  assert not np.allclose(left(other[0], "a"), left(projectors[0], "a"))
-  _, mid = _random_run(params, 3)
-  resumed, _ = _random_run(params, 2, state=mid)
+  draw = lambda seed, name, refresh: random_projection.gaussian_projector(
+      random_projection.leaf_key(seed, name, jnp.asarray(refresh)), plan).left
+  np.testing.assert_allclose(left(projectors[4], "a"), draw(0, "a", 2),
+                             rtol=1e-6)
+  assert not np.allclose(draw(1, "a", 2), draw(0, "a", 2))
+  # A run resumed from its state draws the same ones.
+  _, mid = _random_run(0, 3, RANDOM_TX.init(RANDOM_PARAMS))
+  resumed, _ = _random_run(3, 5, mid)
   np.testing.assert_array_equal(left(resumed[1], "a"),
                                 left(projectors[4], "a"))
 
