@@ -7,7 +7,8 @@ batches, schedule (10% warm-up, cosine to 10%), clipping and token budget, by
 calling the pre-training example (``examples.pretrain_llama.main``) once per
 optimizer. GaLore runs share rank, gap, scale and targets (attention and MLP),
 ``optax.contrib.galore`` included. Peak learning rates are swept for both
-sides (AdamW 1e-4 .. 1e-2, GaLore 5e-3 and 1e-2). Reported: the final
+sides (AdamW 1e-4 .. 1e-2, GaLore 5e-3 and 1e-2; its successors Fira and
+APOLLO at 5e-3 and 1e-2, APOLLO-Mini at 1e-3 .. 1e-2). Reported: the final
 held-out loss and perplexity of each, and the ratio of each final loss to
 the best AdamW run's; the loss curves go to a PNG.
 
@@ -85,6 +86,23 @@ RUNS: dict[str, list[str]] = {
     "galore_adamw_lazy_gap100": ["--optimizer", "galore_adamw",
                                  "--update-proj-gap", "100",
                                  "--refresh-schedule", "lazy"],
+    # GaLore's successors (issue 24), rates swept as GaLore's. Fira: the
+    # GaLore settings (scale 0.25) plus the scaled residual. APOLLO: random
+    # projection, scale 1 (Hugging Face's default); APOLLO-Mini: rank 1,
+    # per-matrix factor, scale 128 (a factor sqrt(128) on the update), at
+    # lower rates (the paper: the same as APOLLO's or below).
+    **{f"fira_adamw{tag}": ["--optimizer", "fira_adamw", *lr]
+       for tag, lr in (("", []), ("_lr5e-3", ["--lr", "5e-3"]))},
+    **{f"apollo_adamw{tag}": [
+        "--optimizer", "apollo_adamw", "--projector-method", "random",
+        "--scale", "1.0", *lr]
+       for tag, lr in (("", []), ("_lr5e-3", ["--lr", "5e-3"]))},
+    **{f"apollo_mini{tag}": [
+        "--optimizer", "apollo_adamw", "--projector-method", "random",
+        "--rank", "1", "--scale", "128", "--scale-type", "tensor",
+        "--lr", lr]
+       for tag, lr in (("", "1e-2"), ("_lr3e-3", "3e-3"),
+                       ("_lr1e-3", "1e-3"))},
 }
 # The fixed-schedule run each lazy run is compared with.
 LAZY_AGAINST = {"galore_adamw_lazy_gap100": "galore_adamw_gap100"}

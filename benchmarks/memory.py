@@ -39,6 +39,8 @@ Examples::
   python benchmarks/memory.py --presets 60m,130m --modes ordinary,layerwise
   python benchmarks/memory.py --presets 7b --optimizers galore_adamw_8bit \\
       --modes layerwise --remat --projector-dtype int8 --dots fused
+  python benchmarks/memory.py --presets 7b --optimizers apollo_mini_8bit \\
+      --modes layerwise --remat --weights int8 --dots fused
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ from galore_optax import weight_quantization  # noqa: E402
 GIB = 2**30
 # The paper's rank for each size (tiny: the example's default).
 PAPER_RANKS = memory.DEFAULT_RANKS
-OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit")
+OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit",
+              "fira_adamw", "apollo_adamw", "apollo_mini", "apollo_mini_8bit")
 MODES = ("ordinary", "layerwise", "layerwise_scan")
 TARGETS = ["attn", "mlp"]  # the paper's GaLore targets (not embed / head)
 INT8_TARGETS = ["attn", "mlp", "embed", "lm_head"]  # --weights int8
@@ -90,6 +93,14 @@ def make_optimizer(name: str, rank: int, projector_dtype: str):
     return galore_optax.galore_adamw_8bit(lr, rank=rank,
                                           target_modules=TARGETS,
                                           projector_dtype=projector_dtype)
+  if name in ("fira_adamw", "apollo_adamw"):
+    return getattr(galore_optax, name)(lr, rank=rank, target_modules=TARGETS,
+                                       projector_dtype=projector_dtype)
+  if name in ("apollo_mini", "apollo_mini_8bit"):
+    # Rank 1 by definition; 8-bit moments matter for embed and head.
+    return galore_optax.apollo_mini(lr, target_modules=TARGETS,
+                                    projector_dtype=projector_dtype,
+                                    state_8bit=name.endswith("_8bit"))
   raise ValueError(f"unknown optimizer {name!r}")
 
 

@@ -101,6 +101,10 @@ OPTIMIZERS = (
     "galore_adamw_layerwise",
     "galore_adamw_8bit_layerwise",
     "galore_adafactor_layerwise",
+    "fira_adamw",
+    "fira_adamw_layerwise",
+    "apollo_adamw",
+    "apollo_adamw_layerwise",
     "optax_contrib_galore",
 )
 
@@ -112,7 +116,8 @@ _FULL_RANK_LR = 3e-3
 
 
 def default_lr(name: str) -> float:
-  return _GALORE_LR if "galore" in name else _FULL_RANK_LR
+  return (_GALORE_LR if any(k in name for k in ("galore", "fira", "apollo"))
+          else _FULL_RANK_LR)
 
 
 def is_layerwise(name: str) -> bool:
@@ -185,11 +190,12 @@ def make_optimizer(name: str, schedule: optax.Schedule, args: Any,
   wanted = dict(rank=args.rank, update_proj_gap=args.update_proj_gap,
                 scale=args.scale, proj_type=args.proj_type,
                 projector_method=args.projector_method, moments=args.moments,
-                refresh_schedule=args.refresh_schedule, seed=args.seed)
+                refresh_schedule=args.refresh_schedule, seed=args.seed,
+                scale_type=args.scale_type)
   if "b1" in accepted:  # the AdamW family (Adafactor has its own eps)
     wanted.update(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
   kwargs = {k: v for k, v in wanted.items() if k in accepted}
-  galore = base in galore_optax.names.GALORE_NAMES
+  galore = base in galore_optax.names.PROJECTED_NAMES
   if galore and targets is None:
     # 'all': every leaf with two or more dimensions, embeddings included.
     targets = ".*"
@@ -505,9 +511,13 @@ def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
                  "full-match regex; 'all-linear'; 'all' (every matrix, "
                  "embeddings included)")
   g.add_argument("--projector-method", default="svd",
-                 choices=galore_optax.PROJECTOR_METHODS,
-                 help="how a refresh computes the projector: exact SVD or a "
-                 "randomized range finder")
+                 choices=galore_optax.transform.PROJECTOR_METHODS,
+                 help="how a refresh computes the projector: exact SVD, a "
+                 "randomized range finder or (APOLLO) a random Gaussian")
+  g.add_argument("--scale-type", default="channel",
+                 choices=galore_optax.apollo.SCALE_TYPES,
+                 help="APOLLO's scaling factor: per channel, or per matrix "
+                 "(APOLLO-Mini: with --rank 1 --scale 128)")
   g.add_argument("--moments", default="keep",
                  choices=galore_optax.MOMENT_POLICIES,
                  help="GaLore moments at a projector refresh")

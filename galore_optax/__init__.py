@@ -20,6 +20,9 @@ from galore_optax.adafactor import clip_by_matrix_rms
 from galore_optax.adafactor import scale_by_adafactor
 from galore_optax.adafactor import scale_by_factored_rms_hf
 from galore_optax.aliases import adamw_8bit
+from galore_optax.aliases import apollo_adamw
+from galore_optax.aliases import apollo_mini
+from galore_optax.aliases import fira_adamw
 from galore_optax.aliases import galore_adafactor
 from galore_optax.aliases import galore_adamw
 from galore_optax.aliases import galore_adamw_8bit
@@ -37,6 +40,9 @@ from galore_optax.state_8bit import quantize_state_8bit
 from galore_optax.targets import galore_labels
 from galore_optax.targets import path_to_name
 from galore_optax.targets import target_mask
+from galore_optax.output_rules import OUTPUT_RULES
+from galore_optax.split_adam import scale_by_adam_bias_correction
+from galore_optax.split_adam import scale_by_uncorrected_adam
 from galore_optax.transform import MOMENT_POLICIES
 from galore_optax.transform import GaLoreState
 from galore_optax.transform import galore_project
@@ -60,6 +66,12 @@ __all__ = (
     "GaLoreState",
     "MOMENT_POLICIES",
     "OPTIMIZER_NAMES",
+    "OUTPUT_RULES",
+    "apollo_adamw",
+    "apollo_mini",
+    "fira_adamw",
+    "scale_by_adam_bias_correction",
+    "scale_by_uncorrected_adam",
     "ScaleByFactoredRmsHfState",
     "adafactor",
     "clip_by_matrix_rms",

@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypedDict, TypeVar
@@ -19,11 +20,15 @@ import jax.numpy as jnp
 import optax
 from typing_extensions import Unpack
 
+from galore_optax import apollo
 from galore_optax import targets
+from galore_optax._checks import check_choice
 from galore_optax._checks import check_float_dtype
 from galore_optax._checks import check_learning_rate
 from galore_optax._checks import check_number_in_range
 from galore_optax.adafactor import scale_by_adafactor
+from galore_optax.split_adam import scale_by_adam_bias_correction
+from galore_optax.split_adam import scale_by_uncorrected_adam
 from galore_optax.state_8bit import quantize_state_8bit
 from galore_optax.transform import MatrixAxes
 from galore_optax.transform import galore_project
@@ -51,11 +56,16 @@ class GaLoreOptions(TypedDict, total=False):
       what happens to the moments at a refresh.
     matrix_axes: ``{name: (row_axes, col_axes)}`` for leaves whose matrix
       is not their last two axes.
-    seed: seed of the randomized projector's random test matrices.
+    seed: seed of the randomized projector's random test matrices (and of
+      the random projectors).
     refresh_schedule: ``fixed`` (default) or ``lazy`` (Q-GaLore's
       per-matrix intervals, doubled when successive projectors agree).
     lazy_queue_size: similarities the lazy schedule averages; default 5.
     lazy_threshold: mean similarity that doubles an interval; default 0.4.
+    output: what the low-rank result is used for: ``galore`` (default),
+      ``fira``, ``apollo_channel`` or ``apollo_tensor``
+      (``galore_optax.output_rules``). Set by ``fira_adamw``,
+      ``apollo_adamw`` and ``apollo_mini`` themselves.
   """
 
   rank: int
@@ -71,6 +81,7 @@ class GaLoreOptions(TypedDict, total=False):
   refresh_schedule: str
   lazy_queue_size: int
   lazy_threshold: float
+  output: str
 
 
 def galore_option_defaults() -> dict[str, Any]:
@@ -88,7 +99,9 @@ def _galore_option_parameters() -> list[inspect.Parameter]:
   return [parameters[name] for name in GaLoreOptions.__annotations__]
 
 
-def _lists_galore_options(alias: _Alias) -> _Alias:
+def _lists_galore_options(alias: _Alias,
+                          defaults: Mapping[str, Any] | None = None,
+                          exclude: tuple[str, ...] = ()) -> _Alias:
   """Gives an alias taking ``**galore_options`` an explicit signature.
 
   The signature (what ``inspect.signature``, ``help``,
@@ -99,16 +112,38 @@ def _lists_galore_options(alias: _Alias) -> _Alias:
 
   Args:
     alias: a factory whose last parameter is ``**galore_options``.
+    defaults: the alias' own defaults of some options, shown instead of
+      ``galore_project``'s (the alias applies them, see
+      ``_with_option_defaults``).
+    exclude: options the alias sets itself (not in its signature).
 
   Returns:
     ``alias``, with ``__signature__`` set.
   """
+  defaults = defaults or {}
   signature = inspect.signature(alias)
   own = [p for p in signature.parameters.values()
          if p.kind != inspect.Parameter.VAR_KEYWORD]
-  alias.__signature__ = signature.replace(
-      parameters=own + _galore_option_parameters())
+  alias.__signature__ = signature.replace(parameters=own + [
+      p.replace(default=defaults.get(p.name, p.default))
+      for p in _galore_option_parameters() if p.name not in exclude])
   return alias
+
+
+def _with_option_defaults(**defaults: Any) -> Callable[[_Alias], _Alias]:
+  """``_lists_galore_options`` for an alias whose ``defaults`` of some
+  options differ from ``galore_project``'s (they are filled in when the
+  call does not give them)."""
+
+  def decorate(alias: _Alias) -> _Alias:
+
+    @functools.wraps(alias)
+    def with_defaults(*args, **kwargs):
+      return alias(*args, **{**defaults, **kwargs})
+
+    return _lists_galore_options(with_defaults, defaults, ("output",))
+
+  return decorate
 
 
 _Alias = TypeVar("_Alias", bound=Callable[..., Any])
@@ -129,6 +164,7 @@ def _galore_chain(
     target_modules: targets.TargetModules,
     any_matrix: bool,
     options: GaLoreOptions,
+    output: str = "galore",
 ) -> optax.GradientTransformationExtraArgs:
   """Targets get ``galore_project(inner)``, other leaves ``inner`` itself.
 
@@ -143,6 +179,7 @@ def _galore_chain(
     target_modules: which leaves are projected (``galore_optax.targets``).
     any_matrix: let ``target_modules`` select non-linear matrices too.
     options: the alias' ``GaLoreOptions``, given to ``galore_project``.
+    output: ``galore_project``'s rule for the low-rank result.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -151,10 +188,12 @@ def _galore_chain(
     TypeError: for an option that ``GaLoreOptions`` does not declare.
   """
   _check_galore_options(alias, options)
+  rule = {} if output == "galore" else {"output": output}
   return optax.chain(
       optax.partition(
           {
-              targets.GALORE_LABEL: galore_project(make_inner(), **options),
+              targets.GALORE_LABEL: galore_project(make_inner(), **rule,
+                                                   **options),
               targets.FULL_RANK_LABEL: make_inner(),
           },
           targets.galore_labels(target_modules, any_matrix=any_matrix),
@@ -482,3 +521,227 @@ def adamw_8bit(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   ))
+
+
+def _split_adam_chain(
+    adam: Callable[[], optax.GradientTransformation], output: str,
+    learning_rate: optax.ScalarOrSchedule, b1: float, b2: float,
+    weight_decay: float, weight_decay_mask: Any,
+    target_modules: targets.TargetModules, any_matrix: bool, alias: str,
+    options: GaLoreOptions,
+) -> optax.GradientTransformationExtraArgs:
+  """Fira and APOLLO: ``adam`` (uncorrected) in and outside the subspace,
+  rule ``output`` for the targets, then Adam's bias correction, decoupled
+  weight decay and the learning rate (see ``galore_optax.split_adam``).
+
+  Args:
+    adam: builds the (float or 8-bit) uncorrected Adam.
+    output: ``galore_project``'s rule for the targets.
+    learning_rate: a float or an optax schedule.
+    b1: Adam's first-moment decay (for the bias correction).
+    b2: Adam's second-moment decay (for the bias correction).
+    weight_decay: decoupled weight decay rate.
+    weight_decay_mask: optional mask or mask function for the decay.
+    target_modules: which leaves are projected.
+    any_matrix: let ``target_modules`` select non-linear matrices too.
+    alias: the alias' name, for error messages.
+    options: the alias' ``GaLoreOptions``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose updates come back in
+    the incoming updates' dtypes.
+  """
+  if "output" in options:
+    raise TypeError(f"{alias}() sets galore_project's output itself "
+                    f"({output!r}); got output={options['output']!r}.")
+  return _in_incoming_dtypes(_galore_chain(
+      adam, scale_by_adam_bias_correction(b1, b2),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+      target_modules=target_modules, any_matrix=any_matrix, alias=alias,
+      options=options, output=output))
+
+
+def _uncorrected_adam(b1: float, b2: float, eps: float, block_size: int,
+                      min_size: int, state_8bit: bool
+                      ) -> Callable[[], optax.GradientTransformation]:
+  """Builds ``scale_by_uncorrected_adam``, 8-bit if ``state_8bit``."""
+  if not state_8bit:
+    return lambda: scale_by_uncorrected_adam(b1=b1, b2=b2, eps=eps)
+  return lambda: quantize_state_8bit(
+      scale_by_uncorrected_adam(b1=b1, b2=b2, eps=eps),
+      block_size=block_size, min_size=min_size, update_dtype=jnp.float32)
+
+
+@_with_option_defaults()
+def fira_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    target_modules: targets.TargetModules = None,
+    any_matrix: bool = False,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    state_8bit: bool = False,
+    block_size: int = 256,
+    min_size: int = 4096,
+    **galore_options: Unpack[GaLoreOptions],
+) -> optax.GradientTransformationExtraArgs:
+  """Fira: GaLore AdamW plus the scaled residual of the gradient.
+
+  Target leaves get ``galore_project(scale_by_uncorrected_adam(...),
+  output="fira")`` (see ``galore_optax.fira``): the back-projected Adam
+  update times ``scale``, plus the gradient's residual ``G - scale * P P^T
+  G`` scaled per channel by ``||N|| / ||P^T G||`` through the norm-growth
+  limiter. Other leaves get plain Adam. Adam's bias correction multiplies
+  the whole update after the limiter, as in ``fira.FiraAdamW`` (see
+  ``galore_optax.split_adam``); weight decay is decoupled.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    target_modules: which leaves are projected; ``None`` means every leaf
+      with two or more dimensions.
+    any_matrix: let ``target_modules`` select non-linear matrices too
+      (embeddings, other matrices; see ``galore_optax.targets``).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to the root of the uncorrected second moment.
+    weight_decay: decoupled weight decay rate.
+    weight_decay_mask: optional mask or mask function for the decay.
+    state_8bit: store Adam's moments in 8 bits (``quantize_state_8bit``).
+    block_size: with ``state_8bit``, values per float32 scale.
+    min_size: with ``state_8bit``, smaller state leaves stay float32.
+    **galore_options: ``GaLoreOptions`` for ``galore_project`` (``rank``,
+      ``update_proj_gap``, ``scale``, ``proj_type``, ...).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Chen et al., "Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint?", arXiv 2410.01623.
+  """
+  check_adam_arguments(learning_rate, b1, b2, eps, weight_decay)
+  return _split_adam_chain(
+      _uncorrected_adam(b1, b2, eps, block_size, min_size, state_8bit),
+      "fira", learning_rate, b1, b2, weight_decay, weight_decay_mask,
+      target_modules, any_matrix, "fira_adamw", galore_options)
+
+
+@_with_option_defaults(scale=1.0, projector_method="random")
+def apollo_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    target_modules: targets.TargetModules = None,
+    any_matrix: bool = False,
+    scale_type: str = "channel",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    state_8bit: bool = False,
+    block_size: int = 256,
+    min_size: int = 4096,
+    **galore_options: Unpack[GaLoreOptions],
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO: AdamW whose step sizes come from a random low-rank Adam.
+
+  Target leaves get ``galore_project(scale_by_uncorrected_adam(...),
+  output="apollo_" + scale_type)`` (see ``galore_optax.apollo``): Adam runs
+  on the randomly projected gradient (``projector_method="random"`` by
+  default, no SVD; ``"svd"`` is the reference's ``proj="svd"``) only to
+  scale the raw gradient per channel or per matrix, through the norm-growth
+  limiter, times ``sqrt(scale)``. Other leaves get plain Adam. Defaults are
+  Hugging Face's ``apollo_adamw`` (rank 128, gap 200, scale 1.0, channel);
+  bias correction and decay as in ``apollo_torch.APOLLOAdamW``.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    target_modules: which leaves are projected; ``None`` means every leaf
+      with two or more dimensions.
+    any_matrix: let ``target_modules`` select non-linear matrices too
+      (embeddings, other matrices; see ``galore_optax.targets``).
+    scale_type: ``"channel"`` (APOLLO) or ``"tensor"`` (APOLLO-Mini).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to the root of the uncorrected second moment.
+    weight_decay: decoupled weight decay rate.
+    weight_decay_mask: optional mask or mask function for the decay.
+    state_8bit: store Adam's moments in 8 bits (``quantize_state_8bit``).
+    block_size: with ``state_8bit``, values per float32 scale.
+    min_size: with ``state_8bit``, smaller state leaves stay float32.
+    **galore_options: ``GaLoreOptions`` for ``galore_project`` (``rank``,
+      ``update_proj_gap``, ``scale``, ``proj_type``, ...), with defaults
+      ``scale=1.0`` and ``projector_method="random"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance",
+    arXiv 2412.05270.
+  """
+  check_choice("scale_type", scale_type, apollo.SCALE_TYPES)
+  check_adam_arguments(learning_rate, b1, b2, eps, weight_decay)
+  return _split_adam_chain(
+      _uncorrected_adam(b1, b2, eps, block_size, min_size, state_8bit),
+      "apollo_" + scale_type, learning_rate, b1, b2, weight_decay,
+      weight_decay_mask, target_modules, any_matrix, "apollo_adamw",
+      galore_options)
+
+
+@_with_option_defaults(rank=1, scale=128.0, projector_method="random")
+def apollo_mini(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    target_modules: targets.TargetModules = None,
+    any_matrix: bool = False,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    state_8bit: bool = False,
+    block_size: int = 256,
+    min_size: int = 4096,
+    **galore_options: Unpack[GaLoreOptions],
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO-Mini: ``apollo_adamw`` with rank 1, one factor per matrix.
+
+  The paper's settings: ``rank=1``, ``scale=128`` (a factor
+  ``sqrt(128)``), ``scale_type="tensor"``, a random projection. Its
+  low-rank state is two vectors per matrix.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    target_modules: which leaves are projected; ``None`` means every leaf
+      with two or more dimensions.
+    any_matrix: let ``target_modules`` select non-linear matrices too
+      (embeddings, other matrices; see ``galore_optax.targets``).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: decoupled weight decay rate.
+    weight_decay_mask: optional mask or mask function for the decay.
+    state_8bit: store Adam's moments in 8 bits (``quantize_state_8bit``;
+      it matters for the full-size leaves, the rank-1 ones are small).
+    block_size: with ``state_8bit``, values per float32 scale.
+    min_size: with ``state_8bit``, smaller state leaves stay float32.
+    **galore_options: ``GaLoreOptions`` for ``galore_project``, with
+      defaults ``rank=1``, ``scale=128.0``, ``projector_method="random"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Zhu et al., 2024, arXiv 2412.05270 (APOLLO-Mini).
+  """
+  check_adam_arguments(learning_rate, b1, b2, eps, weight_decay)
+  return _split_adam_chain(
+      _uncorrected_adam(b1, b2, eps, block_size, min_size, state_8bit),
+      "apollo_tensor", learning_rate, b1, b2, weight_decay,
+      weight_decay_mask, target_modules, any_matrix, "apollo_mini",
+      galore_options)

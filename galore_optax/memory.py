@@ -187,8 +187,10 @@ def llama_abstract_params(shape: LlamaShape,
 
 # The rows of the table; GaLore ones of ours get a row per projector dtype.
 OPTIMIZERS = ("optax.adamw", "adamw_8bit", "optax.contrib.galore",
-              "galore_adamw", "galore_adamw_8bit")
-PROJECTED_OPTIMIZERS = ("galore_adamw", "galore_adamw_8bit")
+              "galore_adamw", "galore_adamw_8bit", "fira_adamw",
+              "apollo_adamw", "apollo_mini")
+PROJECTED_OPTIMIZERS = ("galore_adamw", "galore_adamw_8bit", "fira_adamw",
+                        "apollo_adamw", "apollo_mini")
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -223,6 +225,12 @@ def comparison_optimizers(rank: int,
       "optax.contrib.galore": contrib,
       "galore_adamw": aliases.galore_adamw(1e-3, **common),
       "galore_adamw_8bit": aliases.galore_adamw_8bit(1e-3, **common),
+      "fira_adamw": aliases.fira_adamw(1e-3, **common),
+      "apollo_adamw": aliases.apollo_adamw(1e-3, **common),
+      # Rank 1 by definition (the table's rank does not apply).
+      "apollo_mini": aliases.apollo_mini(
+          1e-3, target_modules=target_modules,
+          projector_dtype=projector_dtype),
   }
 
 
@@ -307,6 +315,10 @@ def explanation(per_layer: bool) -> str:
       "non-square matrices (larger moments, a smaller projector). "
       "galore_adamw(proj_type='reverse_std', projector_dtype=<the parameter "
       "dtype>) needs exactly contrib's state.",
+      "- fira_adamw: galore_adamw's state plus one float32 per projected "
+      "matrix (the norm-growth limiter). apollo_adamw: the same with a "
+      "random projector of the same size; apollo_mini: rank 1 (two moment "
+      "vectors, a projector vector and a float per matrix).",
   ]
   return "\n".join(lines)
 

@@ -72,6 +72,8 @@ _FACTORIES: dict[str, Callable[..., optax.GradientTransformation]] = {
     "galore_adamw": aliases.galore_adamw,
     "galore_adamw_8bit": aliases.galore_adamw_8bit,
     "galore_adafactor": aliases.galore_adafactor,
+    "fira_adamw": aliases.fira_adamw,
+    "apollo_adamw": aliases.apollo_adamw,
 }
 # Other Hugging Face spellings of the same optimizers.
 _SYNONYMS = {
@@ -80,8 +82,13 @@ _SYNONYMS = {
     "adamw_bnb_8bit": "adamw_8bit",
 }
 GALORE_NAMES = tuple(n for n in _FACTORIES if n.startswith("galore_"))
+# Every optimizer that projects target matrices: the GaLore family.
+PROJECTED_NAMES = GALORE_NAMES + ("fira_adamw", "apollo_adamw")
 OPTIMIZER_NAMES = (tuple(_FACTORIES) + tuple(_SYNONYMS) +
-                   tuple(n + LAYERWISE_SUFFIX for n in GALORE_NAMES))
+                   tuple(n + LAYERWISE_SUFFIX for n in PROJECTED_NAMES))
+# Hugging Face's optim_args keys that name one of our arguments otherwise
+# (``transformers``' apollo branch reads ``proj=random|svd``).
+_KEY_SYNONYMS = {"apollo_adamw": {"proj": "projector_method"}}
 
 # Arguments with a dedicated parameter of ``create_optimizer``.
 _DEDICATED = ("learning_rate", "weight_decay", "target_modules")
@@ -111,7 +118,7 @@ def parse_optimizer_name(name: str) -> tuple[str, bool]:
   layerwise = key.endswith(LAYERWISE_SUFFIX)
   base = key[:-len(LAYERWISE_SUFFIX)] if layerwise else key
   base = _SYNONYMS.get(base, base)
-  if base not in _FACTORIES or (layerwise and base not in GALORE_NAMES):
+  if base not in _FACTORIES or (layerwise and base not in PROJECTED_NAMES):
     raise ValueError(
         f"Unknown optimizer name {name!r}; expected one of "
         f"{list(OPTIMIZER_NAMES)} (only the GaLore optimizers have a "
@@ -303,7 +310,9 @@ def create_optimizer(
   """
   base, _ = parse_optimizer_name(name)
   accepted = optimizer_arguments(base)
-  raw = _raw_optim_args(optim_args)
+  synonyms = _KEY_SYNONYMS.get(base, {})
+  raw = {synonyms.get(k, k): v
+         for k, v in _raw_optim_args(optim_args).items()}
   given = {k: _coerce(k, v, accepted[k], name) if k in accepted else v
            for k, v in raw.items()}
   twice = sorted(set(given) & set(kwargs))
@@ -322,7 +331,7 @@ def create_optimizer(
     raise ValueError(
         f"Unknown argument(s) {unknown} for optimizer {name!r}; accepted "
         f"keys: {sorted(accepted)}.")
-  if base in GALORE_NAMES:
+  if base in PROJECTED_NAMES:
     if target_modules is None:
       raise ValueError(
           f"{name!r} needs target_modules (Hugging Face's "
@@ -332,5 +341,5 @@ def create_optimizer(
   elif target_modules is not None:
     raise ValueError(
         f"target_modules only applies to the GaLore optimizers "
-        f"{list(GALORE_NAMES)}, not to {name!r}; drop it or pick one of them.")
+        f"{list(PROJECTED_NAMES)}, not to {name!r}; drop it or pick one of them.")
   return _FACTORIES[base](learning_rate, weight_decay=weight_decay, **given)

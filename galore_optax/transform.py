@@ -15,9 +15,12 @@ import optax
 
 from galore_optax import lazy_refresh
 from galore_optax import matrix_view
+from galore_optax import norm_scaling
 from galore_optax import ordering
+from galore_optax import output_rules
 from galore_optax import projection
 from galore_optax import projector_storage
+from galore_optax import random_projection
 from galore_optax import refresh
 from galore_optax._checks import check_bool
 from galore_optax._checks import check_choice
@@ -30,6 +33,8 @@ from galore_optax.matrix_view import MatrixAxes
 from galore_optax.targets import path_to_name
 
 MOMENT_POLICIES = ("keep", "project", "reset")
+# ``galore_project``'s projector methods: computed ones, and random ones.
+PROJECTOR_METHODS = projection.PROJECTOR_METHODS + (random_projection.METHOD,)
 
 COMPLEX_REFUSED = (
     "galore_project projects real matrices only (the imaginary part would "
@@ -51,12 +56,17 @@ class GaLoreState(NamedTuple):
     refresh_state: with ``refresh_schedule="lazy"``, a dict from each projected
       leaf's name to its ``lazy_refresh.LazyRefreshState`` (each matrix's
       interval and similarity queue); empty otherwise.
+    limiter_norms: for ``output`` rules with a norm-growth limiter (Fira,
+      APOLLO), a dict from each projected leaf's name to its float32 state,
+      one value per matrix (``norm_scaling.limit_norm_growth``); empty for
+      ``output="galore"``.
   """
 
   count: jax.Array
   projectors: Any
   inner_state: optax.OptState
   refresh_state: Any = {}
+  limiter_norms: Any = {}
 
 
 def _named_matrices(
@@ -158,13 +168,30 @@ def _check_lazy_arguments(refresh_schedule: Any, queue_size: Any,
         "inner state that all leaves share and 'project' carries moments "
         "per refresh phase, not per matrix.")
   return queue_size
+def _limited_outputs(output: str, scale: float, names: list[str],
+                     grads: list[jax.Array], lowrank: list[jax.Array],
+                     inner_updates: list[jax.Array],
+                     factors: dict[int, projection.Projector],
+                     plans: dict[int, projection.LeafPlan],
+                     limiter_norms: dict[str, jax.Array]
+                     ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+  """Step 4 for an ``output`` rule with a norm-growth limiter: every
+  projected leaf's full-size update (in its gradient's dtype) and the
+  limiters' new states."""
+  full, norms = list(inner_updates), {}
+  for i, plan in plans.items():
+    u, norms[names[i]] = output_rules.full_size_update(
+        output, grads[i], lowrank[i], inner_updates[i], factors[i], plan,
+        scale, limiter_norms[names[i]])
+    full[i] = u.astype(grads[i].dtype)
+  return full, norms
 
 
 def _check_arguments(rank: Any, update_proj_gap: Any, scale: Any,
                      proj_type: Any, projector_method: Any,
                      projector_dtype: Any, stagger_refresh: Any,
-                     moments: Any, matrix_axes: Any,
-                     seed: Any) -> tuple[int, int]:
+                     moments: Any, matrix_axes: Any, seed: Any,
+                     output: Any) -> tuple[int, int]:
   """Raises a ValueError for a bad ``galore_project`` argument.
 
   Returns:
@@ -177,11 +204,18 @@ def _check_arguments(rank: Any, update_proj_gap: Any, scale: Any,
   check_bool("stagger_refresh", stagger_refresh)
   check_seed("seed", seed)
   check_choice("proj_type", proj_type, projection.PROJ_TYPES)
-  check_choice("projector_method", projector_method,
-               projection.PROJECTOR_METHODS)
+  check_choice("projector_method", projector_method, PROJECTOR_METHODS)
   check_choice("projector_dtype", projector_dtype,
                projector_storage.PROJECTOR_DTYPES)
   check_choice("moments", moments, MOMENT_POLICIES)
+  check_choice("output", output, output_rules.OUTPUT_RULES)
+  output_rules.check_output(output, proj_type)
+  if projector_method == random_projection.METHOD and (
+      moments != "keep" or stagger_refresh):
+    raise ValueError(
+        "projector_method='random' draws every projector at updates 0, T, "
+        "2T, ... from the seed alone: it needs moments='keep' and "
+        "stagger_refresh=False.")
   if not matrix_view.is_matrix_axes(matrix_axes):
     raise ValueError(
         "matrix_axes must be None or a dict {name: (row_axes, col_axes)}, got "
@@ -209,6 +243,7 @@ def galore_project(
     refresh_schedule: str = "fixed",
     lazy_queue_size: int = 5,
     lazy_threshold: float = 0.4,
+    output: str = "galore",
 ) -> optax.GradientTransformationExtraArgs:
   """Runs ``inner`` on gradients projected onto a rank-``r`` subspace.
 
@@ -219,7 +254,8 @@ def galore_project(
   projected back to the leaf's shape and multiplied by ``scale``. Leaves with
   fewer than two dimensions, or without values (a dimension of 0), go through
   ``inner`` at full size. Complex leaves that would be projected raise a
-  ValueError at ``init`` (the projection is real).
+  ValueError at ``init`` (the projection is real). ``output`` chooses another
+  use of the low-rank result (Fira, APOLLO).
 
   The projector is recomputed from the current gradient at updates
   ``0, T, 2T, ...`` (``T = update_proj_gap``) inside the compiled step (a
@@ -238,8 +274,10 @@ def galore_project(
     scale: ``alpha``, multiplies the back-projected update.
     proj_type: ``"std"``, ``"reverse_std"``, ``"left"``, ``"right"`` or
       ``"full"``; see ``galore_optax.projection``.
-    projector_method: ``"svd"`` (exact, the reference) or ``"randomized"``
-      (subspace iteration warm-started from the previous projector).
+    projector_method: ``"svd"`` (exact, the reference), ``"randomized"``
+      (subspace iteration warm-started from the previous projector) or
+      ``"random"`` (APOLLO's Gaussian projection, drawn from ``seed``, the
+      leaf's name and the refresh; see ``galore_optax.random_projection``).
     projector_dtype: storage of the projectors: ``"float32"`` (default),
       ``"bfloat16"``, ``"int8"`` (block-wise 8-bit codes with one float32
       scale per 256 values) or ``"int4"`` (Q-GaLore's: groups of 256
@@ -286,18 +324,31 @@ def galore_project(
       reference's 5).
     lazy_threshold: mean similarity at which a matrix's interval doubles
       (the reference's 0.4).
+    output: what the low-rank result is used for (see
+      ``galore_optax.output_rules``): ``"galore"`` (back-projected, times
+      ``scale``), ``"fira"`` (plus the scaled residual of the gradient),
+      ``"apollo_channel"`` or ``"apollo_tensor"`` (the raw gradient scaled
+      per channel or per matrix, times ``sqrt(scale)``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   References:
-    Zhao et al., 2024, arXiv 2403.03507.
+    Zhao et al., 2024, arXiv 2403.03507; Chen et al., 2024, arXiv
+    2410.01623 (Fira); Zhu et al., 2024, arXiv 2412.05270 (APOLLO).
   """
   rank, gap = _check_arguments(rank, update_proj_gap, scale, proj_type,
                                projector_method, projector_dtype,
-                               stagger_refresh, moments, matrix_axes, seed)
+                               stagger_refresh, moments, matrix_axes, seed,
+                               output)
   queue_size = _check_lazy_arguments(refresh_schedule, lazy_queue_size,
                                      lazy_threshold, moments)
+  if (refresh_schedule == "lazy"
+      and projector_method == random_projection.METHOD):
+    raise ValueError(
+        "refresh_schedule='lazy' compares successive computed projectors; "
+        "random projectors (projector_method='random') are redrawn on the "
+        "fixed schedule.")
   lazy = (lazy_refresh.LazySchedule(gap, queue_size, lazy_threshold)
           if refresh_schedule == "lazy" else None)
   inner = optax.with_extra_args_support(inner)
@@ -325,6 +376,9 @@ def galore_project(
         refresh_state={} if lazy is None else {
             names[i]: lazy.init(plan, projector_dtype)
             for i, plan in plans.items()},
+        limiter_norms={names[i]: norm_scaling.initial_norms(plan)
+                       for i, plan in plans.items()
+                       if output_rules.has_limiter(output)},
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -333,10 +387,15 @@ def galore_project(
     plans = _leaf_plans(grads, rank, proj_type)
     # 1. Refresh the projectors that are due (and, with moments="project" or
     # "reset", the inner state).
-    refreshed = policy.refresh_due(
-        grads, plans, {i: state.projectors[names[i]] for i in plans},
-        state.inner_state, state.count, treedef,
-        {i: state.refresh_state[names[i]] for i in plans} if lazy else None)
+    stored = {i: state.projectors[names[i]] for i in plans}
+    if projector_method == random_projection.METHOD:
+      refreshed = random_projection.refresh_due(
+          names, plans, stored, state.inner_state, state.count, gap,
+          seed, projector_dtype)
+    else:
+      refreshed = policy.refresh_due(
+          grads, plans, stored, state.inner_state, state.count, treedef,
+          {i: state.refresh_state[names[i]] for i in plans} if lazy else None)
     # 2. Project the gradients.
     factors = {i: projector_storage.load(refreshed.projectors[i])
                for i in plans}
@@ -353,21 +412,29 @@ def galore_project(
     # become a full-size constant array wherever XLA cannot fuse the product
     # into the back-projection (XLA:CPU); as an opaque scalar it is
     # broadcast inside the fusion.
-    alpha = jax.lax.optimization_barrier(jnp.asarray(scale, jnp.float32))
-    waits_for = refreshed.gradients_ready
-    full = []
-    for i, (u, leaf) in enumerate(zip(inner_updates, jax.tree.leaves(updates))):
-      if i in plans:
-        u = _back_project(u, factors[i], plans[i], alpha,
-                          waits_for).astype(grads[i].dtype)
-        waits_for = [u]
-      full.append(matrix_view.from_matrix(u, views[i], tuple(leaf.shape)))
+    if output_rules.has_limiter(output):
+      inner_updates, limiter_norms = _limited_outputs(
+          output, scale, names, grads, lowrank, inner_updates, factors, plans,
+          state.limiter_norms)
+    else:
+      limiter_norms = state.limiter_norms
+      alpha = jax.lax.optimization_barrier(jnp.asarray(scale, jnp.float32))
+      waits_for = refreshed.gradients_ready
+      for i in plans:
+        inner_updates[i] = _back_project(
+            inner_updates[i], factors[i], plans[i], alpha,
+            waits_for).astype(grads[i].dtype)
+        waits_for = [inner_updates[i]]
+    full = [matrix_view.from_matrix(u, views[i], tuple(leaf.shape))
+            for i, (u, leaf) in enumerate(zip(inner_updates,
+                                              jax.tree.leaves(updates)))]
     new_state = GaLoreState(
         count=optax.safe_increment(state.count),
         projectors={names[i]: refreshed.projectors[i] for i in plans},
         inner_state=inner_state,
         refresh_state={names[i]: refreshed.schedule_states[i]
                        for i in plans} if lazy else {},
+        limiter_norms=limiter_norms,
     )
     return treedef.unflatten(full), new_state
 

@@ -64,6 +64,12 @@ def main():
           1e-2, rank=4, update_proj_gap=1, target_modules=targets,
           refresh_schedule="lazy", lazy_queue_size=1, lazy_threshold=-1.0,
           projector_dtype="int4"),
+      # Fira's per-column factors and limiter; APOLLO's random projectors
+      # (drawn replicated, then resharded like the SVD's).
+      "fira_adamw-svd": lambda: galore_optax.fira_adamw(
+          1e-2, rank=4, update_proj_gap=2, target_modules=targets),
+      "apollo_adamw-random": lambda: galore_optax.apollo_adamw(
+          1e-2, rank=4, update_proj_gap=2, target_modules=targets),
   }
   for name, make in optimizers.items():
     single = run(make(), lambda tree: tree)

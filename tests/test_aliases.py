@@ -20,7 +20,8 @@ GIVEN = dict(rank=3, update_proj_gap=7, scale=0.5, proj_type="left",
              projector_method="randomized", projector_dtype="int8",
              stagger_refresh=True, moments="project",
              matrix_axes={"attn": ([0], [1])}, seed=11,
-             refresh_schedule="lazy", lazy_queue_size=3, lazy_threshold=0.5)
+             refresh_schedule="lazy", lazy_queue_size=3, lazy_threshold=0.5,
+             output="fira")
 
 
 def test_options_are_galore_projects_keyword_arguments():
@@ -171,3 +172,40 @@ def test_a_huge_gradient_entry_spoils_no_8bit_block(name, spike):
     rest, rest_twin = eight_bit.reshape(-1)[256:], twin.reshape(-1)[256:]
     moved = np.mean(np.abs(rest_twin))
     assert np.mean(np.abs(rest - rest_twin)) < 0.02 * moved
+# Fira and APOLLO: the same options, forwarded with their ``output`` rule;
+# APOLLO's defaults are Hugging Face's apollo_adamw / the paper's Mini.
+SUCCESSORS = {
+    galore_optax.fira_adamw: ("fira", {}),
+    galore_optax.apollo_adamw: ("apollo_channel",
+                                dict(scale=1.0, projector_method="random")),
+    galore_optax.apollo_mini: ("apollo_tensor",
+                               dict(rank=1, scale=128.0,
+                                    projector_method="random")),
+}
+
+
+@pytest.mark.parametrize("alias", SUCCESSORS, ids=lambda f: f.__name__)
+def test_successors_forward_every_option_and_their_rule(alias, monkeypatch):
+  calls = []
+
+  def recording_galore_project(inner, **kwargs):
+    calls.append(kwargs)
+    return inner
+
+  output, defaults = SUCCESSORS[alias]
+  listed = {**aliases.galore_option_defaults(), **defaults}
+  del listed["output"]  # set by the alias
+  given = {k: v for k, v in GIVEN.items() if k != "output"}
+  monkeypatch.setattr(aliases, "galore_project", recording_galore_project)
+  alias(1e-3, target_modules=["attn"], **given)
+  assert calls == [{**given, "output": output}]
+  calls.clear()
+  alias(1e-3)
+  assert calls == [{**defaults, "output": output}]
+  parameters = inspect.signature(alias).parameters
+  assert {name: parameters[name].default for name in listed} == listed
+  assert "output" not in parameters
+  with pytest.raises(TypeError, match=r"\['rnak'\]"):
+    alias(1e-3, rnak=4)
+  with pytest.raises(TypeError, match="output"):
+    alias(1e-3, output="galore")

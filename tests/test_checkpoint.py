@@ -31,6 +31,12 @@ OPTIMIZERS = {
             refresh_schedule="lazy", lazy_queue_size=1, lazy_threshold=-1.0,
             projector_dtype="int4", min_size=256)),
     "adamw_8bit": lambda: galore_optax.adamw_8bit(1e-2, min_size=256),
+    # Limiter states; random projectors drawn from the count after resume.
+    "fira_adamw": lambda: galore_optax.fira_adamw(
+        1e-2, rank=8, update_proj_gap=3, target_modules=TARGETS),
+    "apollo_adamw_8bit": lambda: galore_optax.apollo_adamw(
+        1e-2, rank=8, update_proj_gap=3, target_modules=TARGETS,
+        state_8bit=True, min_size=256),
 }
 
 

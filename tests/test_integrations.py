@@ -6,6 +6,9 @@ import optax
 import pytest
 from flax import nnx
 
+from galore_optax import apollo_adamw
+from galore_optax import apollo_mini
+from galore_optax import fira_adamw
 from galore_optax import galore_adamw
 
 
@@ -93,6 +96,22 @@ def test_inject_hyperparams_with_schedule(options, static):
   state = tx.init(params)
   assert float(state.hyperparams["learning_rate"]) == 0.0
   _assert_learns(_train_pure(tx, params))
+
+
+@pytest.mark.parametrize("alias", [fira_adamw, apollo_adamw, apollo_mini],
+                         ids=lambda f: f.__name__)
+def test_inject_hyperparams_successors(alias):
+  # Fira and APOLLO: the schedule, weight decay and (APOLLO) the sqrt(scale)
+  # of a traced scale are hyperparameters like GaLore's.
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-2, 5, 40, 2e-3)
+  tx = optax.inject_hyperparams(alias, static_args=("rank",
+                                                    "update_proj_gap"))(
+      learning_rate=schedule, update_proj_gap=5, weight_decay=0.01,
+      target_modules=["attn", "mlp"],
+      **({} if alias is apollo_mini else {"rank": 4}))
+  state = tx.init(_params())
+  assert "scale" in state.hyperparams
+  _assert_learns(_train_pure(tx, _params()))
 
 
 @pytest.mark.parametrize("options", [

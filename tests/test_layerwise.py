@@ -144,6 +144,12 @@ OPTIMIZERS = {
         min_size=64),
     "galore_adafactor": lambda: go.galore_adafactor(
         LR, rank=4, update_proj_gap=GAP, target_modules=["attn", "mlp"]),
+    "fira_adamw": lambda: go.fira_adamw(
+        LR, rank=4, update_proj_gap=GAP, eps=1e-6, weight_decay=0.1,
+        target_modules=["attn", "mlp"]),
+    "apollo_adamw": lambda: go.apollo_adamw(
+        LR, rank=4, update_proj_gap=GAP, eps=1e-6, weight_decay=0.1,
+        target_modules=["attn", "mlp"]),
 }
 
 
@@ -406,3 +412,22 @@ def test_sharded_parameters_keep_their_sharding():
   out = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True,
                        text=True, env=env, timeout=300)
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_fira_accumulates_full_gradients_as_multisteps():
+  """Fira uses the whole gradient, not only its projection: per-layer
+  accumulation keeps it at full size and equals MultiSteps."""
+  k = 2
+  tx = OPTIMIZERS["fira_adamw"]()
+  micro = [BATCHES[0], BATCHES[1], BATCHES[2], BATCHES[3]]
+  multi = optax.MultiSteps(tx, k)
+  ref_params, _, _ = run(ordinary_step(loss_unrolled, multi), PARAMS,
+                         jit_init(multi.init, PARAMS), micro)
+  steps = lw.make_layerwise_step(loss_unrolled, tx, accumulate_steps=k,
+                                 jit=False)
+  state = jit_init(steps.init, PARAMS)
+  unpacked = steps.unpack_state(state, PARAMS)
+  assert unpacked["blocks.0.attn.kernel"].acc.shape == (D, D)  # full size
+  params, _, _ = run(jax.jit(steps.step, compiler_options=FAST), PARAMS,
+                     state, micro)
+  assert_close(params, ref_params)

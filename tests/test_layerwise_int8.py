@@ -86,14 +86,20 @@ def _assert_int8_close(params, ref):
       assert_close(a, b, eight_bit=True)
 
 
-@pytest.mark.parametrize("weights", ["float", "int8"])
-def test_int8_weights_and_dense_match_the_ordinary_step(weights):
+@pytest.mark.parametrize("weights, optimizer", [
+    ("float", "galore_adamw_8bit"), ("int8", "galore_adamw_8bit"),
+    ("int8", "apollo_mini_8bit")])
+def test_int8_weights_and_dense_match_the_ordinary_step(weights, optimizer):
   """call_layer, dense and embedding_lookup on int8 (and float) leaves,
   the head and embedding updated in row blocks: the same parameters as the
   ordinary step with weight_quantization.apply_updates and the same keys
   (rounding noise is drawn per row, so row blocks draw the same bits)."""
-  tx = go.galore_adamw_8bit(LR, rank=4, update_proj_gap=2,
-                            target_modules=["attn", "mlp"], min_size=64)
+  if optimizer == "apollo_mini_8bit":
+    tx = go.apollo_mini(LR, update_proj_gap=2, target_modules=["attn", "mlp"],
+                        state_8bit=True, min_size=64)
+  else:
+    tx = go.galore_adamw_8bit(LR, rank=4, update_proj_gap=2,
+                              target_modules=["attn", "mlp"], min_size=64)
   params = _toy_params()
   if weights == "int8":
     params = wq.quantize_params(params, _TOY_INT8,

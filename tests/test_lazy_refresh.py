@@ -258,3 +258,11 @@ def test_per_layer_step_keeps_each_layer_slice_schedule():
   np.testing.assert_array_equal(got.refresh_state["layers.w"].refreshes,
                                 want.refresh_state["layers.w"].refreshes)
   assert got.refresh_state["layers.w"].refreshes.shape == (2,)
+
+
+def test_lazy_schedule_refuses_random_projectors():
+  # Random projectors are drawn, not computed from the gradient, so there is
+  # no leading singular vector whose stability could lengthen an interval.
+  with pytest.raises(ValueError, match="random"):
+    galore_project(optax.scale_by_adam(), refresh_schedule="lazy",
+                   projector_method="random")

@@ -18,12 +18,16 @@ from galore_optax import parse_optimizer_name
 
 PARAMS = {"attn": {"kernel": jnp.zeros((8, 6))}, "norm": jnp.zeros((6,))}
 GALORE = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor")
+# Every optimizer that projects target matrices (needs target_modules).
+PROJECTED = GALORE + ("fira_adamw", "apollo_adamw")
 DIRECT = {
     "adamw": lambda lr, **kw: optax.adamw(lr, weight_decay=0.0, **kw),
     "adamw_8bit": galore_optax.adamw_8bit,
     "galore_adamw": galore_optax.galore_adamw,
     "galore_adamw_8bit": galore_optax.galore_adamw_8bit,
     "galore_adafactor": galore_optax.galore_adafactor,
+    "fira_adamw": galore_optax.fira_adamw,
+    "apollo_adamw": galore_optax.apollo_adamw,
 }
 
 
@@ -33,7 +37,7 @@ def _abstract_state(tx):
 
 
 def _targets(name):
-  return ["attn"] if parse_optimizer_name(name)[0] in GALORE else None
+  return ["attn"] if parse_optimizer_name(name)[0] in PROJECTED else None
 
 
 def test_names_cover_hugging_face_and_layerwise_variants():
@@ -48,8 +52,9 @@ def test_every_name_builds_its_optimizer(name):
   base, layerwise = parse_optimizer_name(name)
   assert layerwise == name.endswith("_layerwise")
   tx = create_optimizer(name, 1e-3, target_modules=_targets(name),
-                        optim_args="rank=4" if base in GALORE else None)
-  kwargs = {"target_modules": ["attn"], "rank": 4} if base in GALORE else {}
+                        optim_args="rank=4" if base in PROJECTED else None)
+  kwargs = ({"target_modules": ["attn"], "rank": 4} if base in PROJECTED
+            else {})
   expected = DIRECT[base](1e-3, **kwargs)
   # Same transformation: same state structure, shapes and dtypes.
   assert _abstract_state(tx) == _abstract_state(expected)
@@ -286,3 +291,26 @@ def test_learning_rate_schedule_is_accepted():
                         optim_args="rank=2", weight_decay=0.1)
   assert _abstract_state(tx) == _abstract_state(galore_optax.galore_adafactor(
       schedule, rank=2, weight_decay=0.1, target_modules=["attn"]))
+
+
+def test_hugging_face_apollo_mini_optim_args():
+  # transformers' apollo branch: optim_args keys proj, rank, scale,
+  # scale_type, update_proj_gap (and proj_type); "proj" is our
+  # projector_method. The issue's APOLLO-Mini string builds apollo_mini.
+  tx = create_optimizer(
+      "apollo_adamw_layerwise", 1e-3, target_modules=["attn"],
+      optim_args="proj=random,rank=1,scale=128.0,scale_type=tensor,"
+      "update_proj_gap=200,proj_type=std")
+  expected = galore_optax.apollo_mini(1e-3, target_modules=["attn"])
+  assert _abstract_state(tx) == _abstract_state(expected)
+  grads = {"attn": {"kernel": jnp.ones((8, 6))}, "norm": jnp.ones((6,))}
+  ours = tx.update(grads, tx.init(PARAMS), PARAMS)[0]
+  theirs = expected.update(grads, expected.init(PARAMS), PARAMS)[0]
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+
+def test_apollo_defaults_are_hugging_faces():
+  args = optimizer_arguments("apollo_adamw")
+  assert (args["rank"], args["update_proj_gap"], args["scale"],
+          args["scale_type"], args["projector_method"], args["proj_type"]) == (
+              128, 200, 1.0, "channel", "random", "std")

@@ -76,7 +76,8 @@ What the step supports:
   position among all projected leaves, which a per-leaf state does not know:
   every leaf refreshes in the same step (as without staggering) and the
   randomized method draws the keys of the first leaf; exact-SVD results are
-  unaffected.
+  unaffected, and so are random projectors (APOLLO's), keyed by the leaf's
+  name.
 * sharded parameters: the step is ordinary jitted JAX; shardings propagate as
   in a normal step (the packing keeps every axis but the last).
 
@@ -90,7 +91,8 @@ micro-batch, before accumulation and projection. It equals
 Gradient accumulation (``accumulate_steps=k``): each call is one micro-batch;
 parameters change on every k-th call. Leaves that ``galore_project`` projects
 accumulate the *projected* gradient (low-rank shape), the others the full
-gradient, as a running mean in ``accumulate_dtype`` (float32, as
+gradient (Fira and APOLLO, which use the full gradient too, accumulate it
+at full size), as a running mean in ``accumulate_dtype`` (float32, as
 ``optax.MultiSteps``). On a window that starts with a projector refresh, the
 refresh is run on the first micro-batch's gradient (by the optimizer itself,
 so method and storage are the optimizer's), every micro-batch of the window

@@ -288,7 +288,9 @@ def _leaf_states(names: list[str], units: list[jax.ShapeDtypeStruct],
     plan = None
     if options.accumulate_steps > 1:
       found = [s for s in galore_states(opt_specs[i]) if name in s.projectors]
-      if len(found) == 1:
+      # Fira and APOLLO (a limiter state) use the full gradient, not only
+      # its projection: they accumulate it at full size.
+      if len(found) == 1 and name not in found[0].limiter_norms:
         proj = found[0].projectors[name]
         use_left = not isinstance(proj.left, optax.MaskedNode)
         use_right = not isinstance(proj.right, optax.MaskedNode)
