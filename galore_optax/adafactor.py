@@ -84,6 +84,25 @@ def _moment_dtype(leaf: Any) -> jnp.dtype:
   return jnp.promote_types(leaf.dtype, jnp.float32)
 
 
+def _square_cap(g: jax.Array) -> jax.Array:
+  """The largest squared gradient Adafactor's statistics take in, for ``g``.
+
+  ``finfo.max / 2 ** k`` with ``2 ** k`` at least the longest axis of ``g``'s
+  matrices: a mean of capped squares over a row or a column, and a mean of
+  such means, cannot overflow. Ordinary gradients (squares far below the cap)
+  are unaffected.
+
+  Args:
+    g: a gradient leaf in the moments' dtype.
+
+  Returns:
+    A scalar of ``g``'s dtype.
+  """
+  longest = max(g.shape[-2:], default=1)
+  exponent = max(longest - 1, 0).bit_length()
+  return jnp.asarray(jnp.finfo(g.dtype).max / 2.0 ** exponent, g.dtype)
+
+
 def scale_by_factored_rms_hf(
     decay_rate: float = -0.8,
     eps: float = 1e-30,
@@ -160,11 +179,17 @@ def scale_by_factored_rms_hf(
     out, new_rows, new_cols, new_fulls = [], [], [], []
     for g, row, col, full in zip(grads, rows, cols, fulls):
       g32 = g.astype(_moment_dtype(g))  # the reference upcasts bf16 grads
-      u = jnp.square(g32) + eps
+      # Capped so that no sum below overflows: a huge entry saturates its
+      # statistics instead of making them Inf (and the factors Inf / Inf).
+      u = jnp.minimum(jnp.square(g32) + eps, _square_cap(g32))
       if _factored(g):
         row = ema(row, jnp.mean(u, axis=-1)).astype(row.dtype)
         col = ema(col, jnp.mean(u, axis=-2)).astype(col.dtype)
-        r_factor = jax.lax.rsqrt(row / jnp.mean(row, axis=-1, keepdims=True))
+        row_ratio = row / jnp.mean(row, axis=-1, keepdims=True)
+        # A row of zeros next to a saturated row: its ratio underflows, and
+        # rsqrt(0) * 0 would be NaN; the smallest normal keeps it finite.
+        row_ratio = jnp.maximum(row_ratio, jnp.finfo(row.dtype).tiny)
+        r_factor = jax.lax.rsqrt(row_ratio)
         c_factor = jax.lax.rsqrt(col)
         # (r c) g: the reference's order of the products, for bit parity.
         scaled = (r_factor[..., :, None] * c_factor[..., None, :]) * g32
@@ -185,6 +210,18 @@ def scale_by_factored_rms_hf(
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _rescaled_rms(u: jax.Array, rms: jax.Array) -> jax.Array:
+  """``rms`` where finite, else the RMS of ``u`` computed on ``u / 2**k``."""
+  axes = (-2, -1) if u.ndim >= 2 else None
+  # |u| / 2**k <= 2**28, so squares and their sums over up to 2**(maxexp -
+  # 56) entries stay finite; entries whose squares overflow are >= 2**(maxexp
+  # / 2), so the ones that matter keep normal squares. Powers of two: exact.
+  k = jnp.finfo(u.dtype).maxexp - 28
+  finite = 2.0 ** k * jnp.sqrt(jnp.mean(jnp.square(u * 2.0 ** -k), axis=axes,
+                                        keepdims=True))
+  return jnp.where(jnp.isinf(rms), finite, rms)
 
 
 def clip_by_matrix_rms(threshold: float = 1.0) -> optax.GradientTransformation:
@@ -211,6 +248,11 @@ def clip_by_matrix_rms(threshold: float = 1.0) -> optax.GradientTransformation:
     axes = (-2, -1) if u.ndim >= 2 else None
     u32 = u.astype(jnp.promote_types(u.dtype, jnp.float32))
     rms = jnp.sqrt(jnp.mean(jnp.square(u32), axis=axes, keepdims=True))
+    # Finite entries whose squares overflow: the RMS of u / 2**k, times
+    # 2**k, is finite (an Inf RMS would zero the matrix). Computed only then,
+    # so that the ordinary program (and its rounding) stays as it was.
+    rms = jax.lax.cond(jnp.any(jnp.isinf(rms)), _rescaled_rms,
+                       lambda u32, rms: rms, u32, rms)
     return (u32 / jnp.maximum(1.0, rms / threshold)).astype(u.dtype)
 
   def update_fn(updates, state, params=None):

@@ -131,6 +131,29 @@ def plan_leaf(shape: tuple[int, ...], rank: int, proj_type: str) -> LeafPlan:
   return LeafPlan(tuple(shape), left, right, min(rank, m, n))
 
 
+def lowrank_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype of a projected gradient (and the inner state) of a leaf.
+
+  The leaf's own dtype, unless its range is narrower than float32's (e.g.
+  float16), then float32: a projection sums a row or column of the gradient
+  and can exceed float16's largest value (65504), and the projected matrix
+  has entries near zero by construction (off its diagonal for ``full``),
+  whose Adam second moment underflows to 0 in float16 while the first does
+  not (an Inf update). The update is cast back to the leaf's dtype.
+
+  Args:
+    dtype: the leaf's dtype.
+
+  Returns:
+    ``dtype`` or ``float32``.
+  """
+  dtype = jnp.dtype(dtype)
+  if (jnp.issubdtype(dtype, jnp.floating)
+      and jnp.finfo(dtype).maxexp < jnp.finfo(jnp.float32).maxexp):
+    return jnp.dtype(jnp.float32)
+  return dtype
+
+
 def lowrank_placeholder(leaf: jax.Array,
                         plan: LeafPlan | None) -> jax.Array:
   """What stands for a leaf where the inner transformation needs parameters.
@@ -144,11 +167,12 @@ def lowrank_placeholder(leaf: jax.Array,
     plan: the leaf's plan, or None if it is not projected.
 
   Returns:
-    ``zeros(plan.lowrank_shape, leaf.dtype)``, or ``leaf`` for None.
+    ``zeros(plan.lowrank_shape, lowrank_dtype(leaf.dtype))``, or ``leaf``
+    for None.
   """
   if plan is None:
     return leaf
-  return jnp.zeros(plan.lowrank_shape, leaf.dtype)
+  return jnp.zeros(plan.lowrank_shape, lowrank_dtype(leaf.dtype))
 
 
 def _gathered(x: jax.Array) -> jax.Array:

@@ -254,8 +254,10 @@ def galore_project(
   projected back to the leaf's shape and multiplied by ``scale``. Leaves with
   fewer than two dimensions, or without values (a dimension of 0), go through
   ``inner`` at full size. Complex leaves that would be projected raise a
-  ValueError at ``init`` (the projection is real). ``output`` chooses another
-  use of the low-rank result (Fira, APOLLO).
+  ValueError at ``init`` (the projection is real). A float16 leaf is
+  projected to a float32 low-rank gradient, so ``inner``'s state for it is
+  float32 (``projection.lowrank_dtype``); its update is cast back.
+  ``output`` chooses another use of the low-rank result (Fira, APOLLO).
 
   The projector is recomputed from the current gradient at updates
   ``0, T, 2T, ...`` (``T = update_proj_gap``) inside the compiled step (a
@@ -399,8 +401,9 @@ def galore_project(
     # 2. Project the gradients.
     factors = {i: projector_storage.load(refreshed.projectors[i])
                for i in plans}
-    lowrank = [projection.project(g, factors[i], plans[i]).astype(g.dtype)
-               if i in plans else g for i, g in enumerate(grads)]
+    lowrank = [projection.project(g, factors[i], plans[i]).astype(
+        projection.lowrank_dtype(g.dtype)) if i in plans else g
+               for i, g in enumerate(grads)]
     # 3. Run the inner optimizer.
     inner_updates, inner_state = inner.update(
         treedef.unflatten(lowrank), refreshed.inner_state, None, **extra_args)

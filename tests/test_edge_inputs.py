@@ -5,7 +5,8 @@ the other leaves' results unchanged, in every optimizer and the per-layer
 step. Complex leaves are refused at ``init`` where they would be projected
 or go through Adafactor, and follow optax's complex Adam elsewhere.
 Arguments are range-checked when an optimizer or step is built, and no
-argument sizes an allocation.
+argument sizes an allocation. Huge gradients keep Adafactor finite, and
+float16 leaves are projected and optimised in float32.
 """
 
 import jax
@@ -285,3 +286,65 @@ def test_extreme_legal_arguments_cost_what_the_data_costs():
   state = init(p)
   new_p, state, _ = step(p, state, jnp.ones((4, 4)))
   np.testing.assert_array_equal(new_p["w"], jnp.ones((4, 4)))  # mid-window
+
+
+def _spiked(shape, dtype, magnitude, spike, seed):
+  g = magnitude * np.random.default_rng(seed).standard_normal(shape)
+  g.flat[5 % g.size] = spike
+  return jnp.asarray(g, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_huge_gradients_keep_adafactor_finite_and_clipped(dtype):
+  # Squares of these overflow float32: the factored statistics used to be
+  # Inf, their normalisation Inf / Inf, and the whole matrix NaN.
+  largest = float(jnp.finfo(dtype).max)
+  params = {"q_proj": {"kernel": jnp.zeros((16, 4), dtype)},
+            "embed": {"embedding": jnp.zeros((12, 4), dtype)},
+            "norm": {"scale": jnp.zeros((6,), dtype)}}
+  lr = 1e-2
+  for tx in (go.galore_adafactor(lr, rank=2, update_proj_gap=2),
+             go.scale_by_adafactor(lr, beta1=0.9)):
+    state = tx.init(params)
+    for t, (magnitude, spike) in enumerate(
+        [(1.0, largest), (1.0, 1e30), (1e30, 1e30), (1.0, -largest)]):
+      grads = jax.tree.map(
+          lambda p, t=t, m=magnitude, s=spike: _spiked(p.shape, dtype, m, s, t),
+          params)
+      updates, state = jax.jit(tx.update)(grads, state, params)
+      for u in jax.tree.leaves(updates):
+        u = np.asarray(u, np.float32)
+        assert np.isfinite(u).all(), f"update {t}"
+        assert np.abs(u).max() > 0, f"update {t}: clipped to nothing"
+        # Each update matrix's RMS is clipped to 1 before the learning rate.
+        assert np.sqrt(np.mean(np.square(u))) <= 1.01 * lr, f"update {t}"
+
+
+def test_float16_leaves_are_projected_and_optimised_in_float32():
+  params = {"q_proj": {"kernel": jnp.zeros((16, 4), jnp.float16)},
+            "embed": {"embedding": jnp.zeros((12, 4), jnp.float16)}}
+  largest = float(jnp.finfo(jnp.float16).max)
+  grads = jax.tree.map(
+      lambda p: _spiked(p.shape, jnp.float16, 1.0, largest, 0), params)
+  clean = jax.tree.map(
+      lambda p: _spiked(p.shape, jnp.float16, 1.0, 1.0, 1), params)
+  for tx in (
+      # A row sum of the spiked row exceeds float16's largest value.
+      go.galore_adamw(1e-2, rank=2, update_proj_gap=2),
+      # P^T G Q^T is nearly diagonal: its off-diagonal entries' second
+      # moments underflow in float16 while their first moments do not.
+      go.galore_project(optax.scale_by_adam(), rank=2, update_proj_gap=2,
+                        proj_type="full", projector_method="randomized")):
+    state = tx.init(params)
+    for g in (grads, clean):
+      updates, state = jax.jit(tx.update)(g, state, params)
+      for u in jax.tree.leaves(updates):
+        assert u.dtype == jnp.float16
+        assert bool(jnp.all(jnp.isfinite(u)))
+    galore_state, = [x for x in jax.tree.leaves(
+        state, is_leaf=lambda x: isinstance(x, go.GaLoreState))
+                     if isinstance(x, go.GaLoreState)]
+    moments = [x for x in jax.tree.leaves(galore_state.inner_state)
+               if x.ndim == 2]
+    assert len(moments) == 4  # mu and nu of both leaves, low-rank
+    assert all(x.dtype == jnp.float32 for x in moments)
