@@ -24,10 +24,10 @@ properties, checked after every update:
    everywhere must be finite everywhere.
 3. Updates and new parameters have the parameter dtype exactly.
 
-Layouts are fixed (jit caches hit across examples): one with ordinary,
-stacked (``(L, m, n)``) and one-sized leaves, two of equal shape (refreshed
-in one batch), and one with zero-size leaves. Steps are compiled once per
-(optimizer, layout, dtype) with cheap XLA options.
+The tree is fixed (jit caches hit across examples): ordinary, stacked
+(``(L, m, n)``), one-sized and zero-size leaves, two of equal shape
+(refreshed in one batch). Steps are compiled once per (optimizer, layout,
+dtype) with cheap XLA options.
 
 Complex parameters are either refused at ``init`` with a message that says
 so, or supported: complex updates whose imaginary part is not dropped.
@@ -56,8 +56,11 @@ GALORE = {"rank": 2, "update_proj_gap": 2}
 EIGHT_BIT = {"min_size": 16, "block_size": 16}  # several blocks per leaf
 TARGETS = ["q_proj", "k_proj", "mlp", "layers"]  # exact module names
 
+# One tree (jit caches hit across examples): ordinary, stacked ``(L, m, n)``
+# and one-sized leaves, two of equal shape (refreshed in one batch), and
+# zero-size leaves, whose module names contain the targets' names.
 LAYOUTS = {
-    "matrices": {
+    "mixed": {
         "q_proj": {"kernel": (16, 4)},   # equal shapes: one refresh batch
         "k_proj": {"kernel": (16, 4)},
         "mlp": {"kernel": (2, 8, 4), "bias": (4,)},  # stacked matrices
@@ -67,14 +70,13 @@ LAYOUTS = {
         "gate_proj": {"kernel": (1, 1)},
         "norm": {"scale": (1,)},
         "embed": {"embedding": (12, 4)},
-    },
-    "zero_size": {
-        "q_proj": {"kernel": (0, 4)},
-        "k_proj": {"kernel": (4, 0)},
-        "mlp": {"kernel": (2, 0, 4), "bias": (0,)},
-        "layers": {"kernel": (0, 4, 3)},
-        "o_proj": {"kernel": (8, 4)},  # an ordinary leaf next to them
-        "norm": {"scale": (0,)},
+        "empty": {
+            "q_proj": {"kernel": (0, 4)},
+            "k_proj": {"kernel": (4, 0)},
+            "mlp": {"kernel": (2, 0, 4), "bias": (0,)},
+            "layers": {"kernel": (0, 4, 3)},
+            "norm": {"scale": (0,)},
+        },
     },
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
@@ -165,6 +167,14 @@ OPTIMIZERS = {
             optim_args="rank=2, update_proj_gap=2, beta1=0.9, "
                        "proj_type=right"),
         _adafactor),
+    "fira_adamw": Optimizer(
+        lambda: galore_optax.fira_adamw(LR, **GALORE), _projected(None)),
+    "apollo_adamw": Optimizer(
+        lambda: galore_optax.apollo_adamw(LR, **GALORE), _projected(None)),
+    "apollo_mini(state_8bit)": Optimizer(
+        lambda: galore_optax.apollo_mini(LR, update_proj_gap=2,
+                                         state_8bit=True, **EIGHT_BIT),
+        _projected(None)),
     "layerwise(galore_adamw_8bit)": Optimizer(
         lambda: galore_optax.galore_adamw_8bit(LR, **GALORE, **EIGHT_BIT),
         _projected(None), per_layer=True),
