@@ -138,7 +138,7 @@ def check_step_count(name: str, value: Any, *, hint: str = "") -> int:
   return value
 
 
-def check_seed(name: str, value: Any) -> int:
+def check_seed(name: str, value: Any) -> int | jax.Array:
   """Returns ``value`` as a Python int if it is a valid PRNG seed.
 
   Args:
@@ -146,8 +146,13 @@ def check_seed(name: str, value: Any) -> int:
     value: the value given.
 
   Returns:
-    The seed, an int in ``[-2**63, 2**63)`` (what ``jax.random.key`` takes).
+    The seed, an int in ``[-2**63, 2**63)`` (what ``jax.random.key`` takes),
+    or an integer scalar array as given (``optax.inject_hyperparams`` turns
+    numeric arguments into arrays; ``jax.random.key`` takes those too).
   """
+  if (isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0
+      and jnp.issubdtype(value.dtype, jnp.integer)):
+    return value
   if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or
       not -2**63 <= value < 2**63):
     raise ValueError(

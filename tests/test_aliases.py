@@ -84,7 +84,8 @@ def _public_optimizers():
   made = {}
   for name in galore_optax.OPTIMIZER_NAMES:
     kwargs = {}
-    if "galore" in name:
+    base, _ = galore_optax.names.parse_optimizer_name(name)
+    if base in galore_optax.names.PROJECTED_NAMES:
       kwargs = dict(target_modules=["attn"], optim_args={"rank": 4})
     if "8bit" in name:  # every state leaf here quantised
       kwargs["optim_args"] = {**kwargs.get("optim_args", {}), "min_size": 16}
