@@ -147,7 +147,8 @@ def _codes_after(inner_state: optax.OptState,
 
 
 def _check_lazy_arguments(refresh_schedule: Any, queue_size: Any,
-                          threshold: Any, moments: str) -> int:
+                          threshold: Any, moments: str,
+                          projector_method: str) -> int:
   """Raises a ValueError for a bad lazy-refresh argument.
 
   Returns:
@@ -167,6 +168,11 @@ def _check_lazy_arguments(refresh_schedule: Any, queue_size: Any,
         "re-initialises the "
         "inner state that all leaves share and 'project' carries moments "
         "per refresh phase, not per matrix.")
+  if projector_method == random_projection.METHOD:
+    raise ValueError(
+        "refresh_schedule='lazy' compares successive computed projectors; "
+        "random projectors (projector_method='random') are redrawn on the "
+        "fixed schedule.")
   return queue_size
 def _limited_outputs(output: str, scale: float, names: list[str],
                      grads: list[jax.Array], lowrank: list[jax.Array],
@@ -344,13 +350,8 @@ def galore_project(
                                stagger_refresh, moments, matrix_axes, seed,
                                output)
   queue_size = _check_lazy_arguments(refresh_schedule, lazy_queue_size,
-                                     lazy_threshold, moments)
-  if (refresh_schedule == "lazy"
-      and projector_method == random_projection.METHOD):
-    raise ValueError(
-        "refresh_schedule='lazy' compares successive computed projectors; "
-        "random projectors (projector_method='random') are redrawn on the "
-        "fixed schedule.")
+                                     lazy_threshold, moments,
+                                     projector_method)
   lazy = (lazy_refresh.LazySchedule(gap, queue_size, lazy_threshold)
           if refresh_schedule == "lazy" else None)
   inner = optax.with_extra_args_support(inner)
