@@ -198,8 +198,9 @@ def quantize_state_8bit(
     block_size: values per absmax block (bitsandbytes' optimizers use 256),
       a power of two from 8 to 2**24; a leaf smaller than a block is one
       block of its own size, so cost follows the data.
-    min_size: leaves with fewer elements keep their dtype (bitsandbytes'
-      ``min_8bit_size``, 4096): for them the absmax overhead and the
+    min_size: leaves with fewer elements stay unquantised, in float32 (or
+      wider) whatever the parameters' dtype, as bitsandbytes' 32-bit state
+      below its ``min_8bit_size`` (4096): for them the absmax overhead and the
       quantisation error are not worth the saving. A positive integer; one
       above every leaf's size quantises nothing.
     unsigned: ``unsigned(path) -> bool`` says whether the leaf at ``path``
@@ -250,9 +251,12 @@ def quantize_state_8bit(
     def maybe_quantize(path, leaf):
       if (isinstance(leaf, quantization.QuantizedArray) or
           not hasattr(leaf, "dtype") or
-          not jnp.issubdtype(leaf.dtype, jnp.floating) or
-          leaf.size < min_size):
+          not jnp.issubdtype(leaf.dtype, jnp.floating)):
         return leaf
+      if leaf.size < min_size:
+        # As bitsandbytes: small leaves keep a 32-bit state, whatever the
+        # parameters' dtype (a float16 Adam's g**2 underflows to 0).
+        return leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
       return _QuantizedLeaf(*quantization.quantize(
           leaf, signed_map(inner_state, path), block_size))
 
@@ -262,6 +266,11 @@ def quantize_state_8bit(
 
   def update_fn(updates, state, params=None, **extra_args):
     stored = state.inner_state
+    # The inner update runs in float32 (its state is float32 once decoded):
+    # in float16, Adam's (1 - b2) * g**2 underflows to 0 for |g| < ~2e-3.
+    wide_updates = jax.tree.map(
+        lambda u: (u.astype(jnp.promote_types(u.dtype, jnp.float32))
+                   if jnp.issubdtype(u.dtype, jnp.floating) else u), updates)
 
     def dequantized(use: int | None) -> optax.OptState:
       """The float32 inner state; ``use`` numbers an independent copy."""
@@ -287,7 +296,7 @@ def quantize_state_8bit(
       return jax.tree.map_with_path(dequantize, stored, is_leaf=_is_ours)
 
     def run(inner_state):
-      return inner.update(updates, inner_state, params, **extra_args)
+      return inner.update(wide_updates, inner_state, params, **extra_args)
 
     inner_state = dequantized(None)
     updates_out, new_inner_state = run(inner_state)
@@ -308,7 +317,7 @@ def quantize_state_8bit(
     # structure, shapes and dtypes stay fixed.
     def requantize(path, old, new, new_for_max, new_for_codes):
       if not _is_ours(old):
-        return new
+        return new.astype(old.dtype) if hasattr(old, "dtype") else new
       return _QuantizedLeaf(*quantization.quantize(
           new_for_codes, signed_map(stored, path), block_size,
           absmax=quantization.block_abs_max(new_for_max, block_size)))
