@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_optax import gradient_supply
 from galore_optax import lazy_refresh
 from galore_optax import matrix_view
 from galore_optax import norm_scaling
@@ -144,6 +145,58 @@ def _codes_after(inner_state: optax.OptState,
                              *updates))
   return treedef.unflatten([next(tied) if c else x
                             for x, c in zip(leaves, is_code)])
+
+
+def _take_supplies(raw_leaves: list[Any], grads: list[jax.Array],
+                   plans: dict[int, projection.LeafPlan],
+                   views: list[matrix_view.MatrixView | None], fusable: bool
+                   ) -> dict[int, gradient_supply.GradientSupply]:
+  """The supplied gradients (``gradient_supply``) of projected leaves, by
+  leaf index; a supply that this transformation cannot serve in low rank
+  (``fusable`` false, a matrix view, a stack of matrices) is made in full
+  into ``grads`` at once."""
+  supplies = {}
+  for i in plans:
+    supply = gradient_supply.supplied(raw_leaves[i])
+    if supply is None:
+      continue
+    if fusable and views[i] is None and not plans[i].batch_shape:
+      supplies[i] = supply
+    else:
+      grads[i] = matrix_view.to_matrix(supply.make_full(), views[i])
+  return supplies
+
+
+def _supplied_lowrank(policy: refresh.RefreshPolicy,
+                      supply: gradient_supply.GradientSupply,
+                      plan: projection.LeafPlan, stored: Any,
+                      schedule_state: Any, count: jax.Array,
+                      dtype: Any) -> tuple[jax.Array, Any, Any]:
+  """A supplied leaf's low-rank gradient, stored projector and lazy state:
+  on an update that refreshes it, from its full gradient (refreshed as
+  ``policy`` refreshes every leaf, at phase 0); otherwise made in low rank
+  from the stored projector, without the full gradient."""
+  if policy.lazy is not None:
+    due = jnp.any(policy.lazy.due(schedule_state, count, 0))
+  else:
+    due = refresh.is_due(count, 0, policy.gap)
+  lowrank_dtype = projection.lowrank_dtype(dtype)
+
+  def fresh(_):
+    g = supply.make_full()
+    new = policy.refresh_due(
+        [g], {0: plan}, {0: stored}, None, count, None,
+        None if policy.lazy is None else {0: schedule_state})
+    low = projection.project(g, projector_storage.load(new.projectors[0]),
+                             plan)
+    return (low.astype(lowrank_dtype), new.projectors[0],
+            new.schedule_states.get(0, schedule_state))
+
+  def keep(_):
+    low = supply.make_lowrank(projector_storage.load(stored))
+    return low.astype(lowrank_dtype), stored, schedule_state
+
+  return jax.lax.cond(due, fresh, keep, None)
 
 
 def _check_lazy_arguments(refresh_schedule: Any, queue_size: Any,
@@ -388,23 +441,46 @@ def galore_project(
     del params
     names, grads, treedef, views = _named_matrices(updates, matrix_axes)
     plans = _leaf_plans(grads, rank, proj_type)
+    supplies = _take_supplies(jax.tree.leaves(updates), grads, plans, views,
+                              output == "galore" and moments == "keep")
     # 1. Refresh the projectors that are due (and, with moments="project" or
-    # "reset", the inner state).
+    # "reset", the inner state). A supplied leaf refreshes in step 2.
     stored = {i: state.projectors[names[i]] for i in plans}
+    schedule_states = ({i: state.refresh_state[names[i]] for i in plans}
+                       if lazy else {})
     if projector_method == random_projection.METHOD:
       refreshed = random_projection.refresh_due(
           names, plans, stored, state.inner_state, state.count, gap,
           seed, projector_dtype)
     else:
+      own = {i: p for i, p in plans.items() if i not in supplies}
       refreshed = policy.refresh_due(
-          grads, plans, stored, state.inner_state, state.count, treedef,
-          {i: state.refresh_state[names[i]] for i in plans} if lazy else None)
-    # 2. Project the gradients.
+          grads, own, {i: stored[i] for i in own}, state.inner_state,
+          state.count, treedef,
+          {i: schedule_states[i] for i in own} if lazy else None)
+    # 2. Project the gradients (supplied ones: made in low rank).
+    lowrank = list(grads)
+    projectors, ready = dict(refreshed.projectors), []
+    for i, supply in supplies.items():
+      if projector_method == random_projection.METHOD:  # drawn in step 1
+        lowrank[i] = supply.make_lowrank(projector_storage.load(
+            projectors[i])).astype(projection.lowrank_dtype(grads[i].dtype))
+      else:
+        lowrank[i], projectors[i], schedule_states[i] = _supplied_lowrank(
+            policy, supply, plans[i], stored[i], schedule_states.get(i),
+            state.count, grads[i].dtype)
+      ready.append(ordering.first_element(lowrank[i]))
+    refreshed = refreshed._replace(
+        projectors=projectors,
+        gradients_ready=[*refreshed.gradients_ready, *ready],
+        schedule_states={**refreshed.schedule_states, **{
+            i: schedule_states[i] for i in supplies if lazy}})
     factors = {i: projector_storage.load(refreshed.projectors[i])
                for i in plans}
-    lowrank = [projection.project(g, factors[i], plans[i]).astype(
-        projection.lowrank_dtype(g.dtype)) if i in plans else g
-               for i, g in enumerate(grads)]
+    for i in plans:
+      if i not in supplies:
+        lowrank[i] = projection.project(grads[i], factors[i], plans[i]).astype(
+            projection.lowrank_dtype(grads[i].dtype))
     # 3. Run the inner optimizer.
     inner_updates, inner_state = inner.update(
         treedef.unflatten(lowrank), refreshed.inner_state, None, **extra_args)

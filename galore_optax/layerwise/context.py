@@ -30,6 +30,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
+from galore_optax import gradient_supply
 from galore_optax import ordering
 from galore_optax import weight_quantization
 from galore_optax.layerwise import carrier
@@ -442,7 +443,19 @@ class LayerwiseContext:
                               ((lead, lead), ((), ())))
       return g.astype(w.dtype)
 
-    new = self.update(i, grad_rows, stored, packed, key_data)
+    plan = self.layout.fused[i]
+    if plan is None:
+      new = self.update(i, grad_rows, stored, packed, key_data)
+    else:
+      # Between refreshes the optimizer takes the low-rank gradient made
+      # from x and dy; only a refresh makes the full one.
+      rows = self.layout.unit_avals[i].shape[0]
+      supply = gradient_supply.GradientSupply(
+          full=lambda: grad_rows(0, rows),
+          lowrank=lambda projector: gradient_supply.project_product(
+              x, dy, projector, plan),
+          ready=dy)
+      new = self.update(i, supply, stored, packed, key_data)
     # What comes next waits for the update (so only this kernel's gradient
     # and update buffers are live): the input gradient, and in a layer's
     # backward pass the next dense product.

@@ -47,6 +47,9 @@ class Layout:
     specs: the abstract unpacked ``LeafState`` of a unit.
     lowrank: the ``projection.LeafPlan`` of a leaf accumulated in low rank
       (GaLore-projected, with accumulation), or None.
+    fused: the ``projection.LeafPlan`` of a leaf whose low-rank gradient
+      ``dense`` makes from the product's inputs (``fused=True``, a single
+      GaLore-projected matrix), or None.
     quantized: whether a leaf is a ``weight_quantization.QuantizedWeight``.
     qindex: position among the int8 leaves (their rounding key), or None.
   """
@@ -59,6 +62,7 @@ class Layout:
   anchor: tuple[Anchor | None, ...]
   specs: tuple[packing.LeafState, ...]
   lowrank: tuple[projection.LeafPlan | None, ...]
+  fused: tuple[projection.LeafPlan | None, ...]
   quantized: tuple[bool, ...]
   qindex: tuple[int | None, ...]
 
@@ -193,9 +197,12 @@ def build_layout(paths_leaves: list[tuple[Any, Any]], treedef: Any,
         f"substrings); some names: {names[:10]}.")
   anchor, opt_specs = _optimizer_specs(treedef, units, tx)
   lowrank, specs = _leaf_states(names, units, chunks, opt_specs, options)
+  fused = [_projected_plan(name, unit, spec)
+           if options.fused and not p and unit.ndim == 2 else None
+           for name, unit, spec, p in zip(names, units, opt_specs, per)]
   return Layout(treedef, tuple(names), tuple(per), tuple(chunks),
                 tuple(units), tuple(anchor), tuple(specs), tuple(lowrank),
-                tuple(quantized), tuple(qindex))
+                tuple(fused), tuple(quantized), tuple(qindex))
 
 
 def _leaf_units(names: list[str], leaves: list[Any],
@@ -273,6 +280,24 @@ def _optimizer_specs(treedef: Any, units: list[jax.ShapeDtypeStruct],
   return anchors, opt_specs
 
 
+def _projected_plan(name: str, unit: jax.ShapeDtypeStruct,
+                    opt_spec: Any) -> projection.LeafPlan | None:
+  """The plan of a unit that one ``galore_project`` projects and whose
+  update needs only the projected gradient, or None.
+
+  Fira and APOLLO (a limiter state) use the full gradient too.
+  """
+  found = [s for s in galore_states(opt_spec) if name in s.projectors]
+  if len(found) != 1 or name in found[0].limiter_norms:
+    return None
+  proj = found[0].projectors[name]
+  use_left = not isinstance(proj.left, optax.MaskedNode)
+  use_right = not isinstance(proj.right, optax.MaskedNode)
+  rank = (projector_storage.factor_shape(proj.left)[-1] if use_left else
+          projector_storage.factor_shape(proj.right)[-2])
+  return projection.LeafPlan(tuple(unit.shape), use_left, use_right, rank)
+
+
 def _leaf_states(names: list[str], units: list[jax.ShapeDtypeStruct],
                  chunks: list[int], opt_specs: list[Any],
                  options: options_lib.StepOptions
@@ -287,17 +312,7 @@ def _leaf_states(names: list[str], units: list[jax.ShapeDtypeStruct],
           "update is not element-wise; it cannot be updated in row blocks.")
     plan = None
     if options.accumulate_steps > 1:
-      found = [s for s in galore_states(opt_specs[i]) if name in s.projectors]
-      # Fira and APOLLO (a limiter state) use the full gradient, not only
-      # its projection: they accumulate it at full size.
-      if len(found) == 1 and name not in found[0].limiter_norms:
-        proj = found[0].projectors[name]
-        use_left = not isinstance(proj.left, optax.MaskedNode)
-        use_right = not isinstance(proj.right, optax.MaskedNode)
-        rank = (projector_storage.factor_shape(proj.left)[-1] if use_left else
-                projector_storage.factor_shape(proj.right)[-2])
-        plan = projection.LeafPlan(tuple(units[i].shape), use_left,
-                                   use_right, rank)
+      plan = _projected_plan(name, units[i], opt_specs[i])
       acc_shape = plan.lowrank_shape if plan else units[i].shape
       acc = jax.ShapeDtypeStruct(acc_shape, options.accumulate_dtype)
       mini = jax.ShapeDtypeStruct((), jnp.int32)

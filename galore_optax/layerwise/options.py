@@ -9,6 +9,7 @@ from typing import Any, Union
 import numpy as np
 
 from galore_optax import targets
+from galore_optax._checks import check_bool
 from galore_optax._checks import check_float_dtype
 from galore_optax._checks import check_number_in_range
 from galore_optax._checks import check_positive_int
@@ -29,6 +30,8 @@ class StepOptions:
     per_layer: the ``per_layer`` argument as given (for messages).
     is_per_layer: whether a leaf name is a ``per_layer`` stacked leaf.
     chunk_rules: ``(matcher, k)`` pairs from ``row_chunks``, in order.
+    fused: make projected kernels' low-rank gradients in ``dense`` from the
+      product's inputs between refreshes.
   """
 
   clip_norm: float | None
@@ -38,6 +41,7 @@ class StepOptions:
   per_layer: PerLayerSpec
   is_per_layer: Callable[[str], bool]
   chunk_rules: tuple[tuple[Callable[[str], bool], int], ...]
+  fused: bool = False
 
   def row_chunks(self, name: str) -> int:
     """How many blocks of rows leaf ``name`` is updated in (1: whole).
@@ -59,6 +63,7 @@ def make_options(
     per_layer: PerLayerSpec,
     row_chunks: Mapping[str, int] | None,
     weight_dtype: Any,
+    fused: bool = False,
 ) -> StepOptions:
   """Checks ``make_layerwise_step``'s options (see its docstring).
 
@@ -70,6 +75,7 @@ def make_options(
       predicate on names.
     row_chunks: ``{name: k}`` with positive ints ``k``, or None.
     weight_dtype: a floating dtype.
+    fused: a bool.
 
   Returns:
     The options.
@@ -93,5 +99,6 @@ def make_options(
     is_per_layer = targets.make_matcher(per_layer)
   accumulate_dtype = check_float_dtype("accumulate_dtype", accumulate_dtype)
   weight_dtype = check_float_dtype("weight_dtype", weight_dtype)
+  check_bool("fused", fused)
   return StepOptions(clip_norm, k, accumulate_dtype, weight_dtype,
-                     per_layer, is_per_layer, tuple(chunk_rules))
+                     per_layer, is_per_layer, tuple(chunk_rules), fused)

@@ -66,6 +66,7 @@ def make_layerwise_step(
     per_layer: PerLayerSpec = None,
     row_chunks: Mapping[str, int] | None = None,
     weight_dtype: Any = jnp.float32,
+    fused: bool = False,
     has_aux: bool = False,
     donate: bool = True,
     jit: bool = True,
@@ -121,6 +122,12 @@ def make_layerwise_step(
     weight_dtype: dtype that int8 leaves (``weight_quantization.
       QuantizedWeight`` nodes of ``params``) are dequantised to, for the
       model and the optimizer (the model's parameter dtype).
+    fused: between refreshes, make the low-rank gradient of every kernel
+      that ``dense`` multiplies and ``galore_project`` projects directly from
+      the product's inputs (``galore_optax.gradient_supply``), never its
+      ``m x n`` gradient; refresh steps take the full gradient as before.
+      With ``clip_norm``, such a low-rank gradient is clipped by its own
+      norm (the full gradient's is not known without the full gradient).
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     donate: donate ``params`` and ``opt_state`` to the step, so the new
       ones reuse their buffers.
@@ -136,7 +143,7 @@ def make_layerwise_step(
   options = options_lib.make_options(
       clip_norm=clip_norm, accumulate_steps=accumulate_steps,
       accumulate_dtype=accumulate_dtype, per_layer=per_layer,
-      row_chunks=row_chunks, weight_dtype=weight_dtype)
+      row_chunks=row_chunks, weight_dtype=weight_dtype, fused=fused)
   layouts = layout_lib.LayoutCache(tx, options)
 
   def updater_of(params: Any) -> unit_update.UnitUpdater:

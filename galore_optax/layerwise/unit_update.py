@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_optax import gradient_supply
 from galore_optax import ordering
 from galore_optax import projection
 from galore_optax import projector_storage
@@ -33,8 +34,11 @@ from galore_optax.transform import GaLoreState
 # weight (45M values) are otherwise several 172 MiB buffers.
 ROUND_BLOCK_ELEMENTS = 1 << 22
 
-# A gradient, or ``(start, rows) -> rows start:start+rows of the gradient``.
-Gradient = Union[jax.Array, Callable[[Any, int], jax.Array]]
+# A gradient, ``(start, rows) -> rows start:start+rows of the gradient``, or
+# a fused kernel's ``gradient_supply.GradientSupply``.
+Gradient = Union[jax.Array, Callable[[Any, int], jax.Array],
+                 gradient_supply.GradientSupply]
+Supply = gradient_supply.GradientSupply
 
 
 def clip_leaf(g: jax.Array, max_norm: float) -> jax.Array:
@@ -157,7 +161,31 @@ class UnitUpdater:
       return jax.vmap(lambda s: packing.unpack_state(s, spec))(packed)
     return packing.unpack_state(packed, spec)
 
-  def tx_update(self, i: int, g: jax.Array, opt_state: Any, p: Any,
+  def run_tx(self, i: int, g: jax.Array | Supply, opt_state: Any,
+             value: jax.Array) -> tuple[Any, Any]:
+    """``tx.update`` of one unit: (updates tree, new optimizer state).
+
+    A supplied gradient goes in as a placeholder that ``galore_project``
+    recognises (``gradient_supply``); it raises if none took it.
+    """
+    layout = self.layout
+    z = layout.anchor_zeros(i)
+    if not isinstance(g, Supply):
+      return self.tx.update(layout.single(i, g, z), opt_state,
+                            layout.single(i, value, z))
+    aval = layout.unit_avals[i]
+    stand_in = gradient_supply.placeholder(aval.shape, aval.dtype)
+    with gradient_supply.supplying(stand_in, g):
+      out = self.tx.update(layout.single(i, stand_in, z), opt_state,
+                           layout.single(i, value, z))
+    if not g.consumed:
+      raise ValueError(
+          f"fused=True: the gradient of {layout.names[i]!r} did not reach "
+          "its galore_project unchanged (a transformation before it in the "
+          "chain changed it); use fused=False with this optimizer.")
+    return out
+
+  def tx_update(self, i: int, g: jax.Array | Supply, opt_state: Any, p: Any,
                 key: Any) -> tuple[Any, Any]:
     """``tx`` on one unit: (new stored value, new optimizer state).
 
@@ -172,10 +200,7 @@ class UnitUpdater:
       The new stored value and optimizer state (dtypes unchanged).
     """
     layout = self.layout
-    z = layout.anchor_zeros(i)
-    value = self.leaf_value(i, p)
-    updates, new_state = self.tx.update(layout.single(i, g, z), opt_state,
-                                        layout.single(i, value, z))
+    updates, new_state = self.run_tx(i, g, opt_state, self.leaf_value(i, p))
     u = layout.treedef.flatten_up_to(updates)[i]
     # Keep the state's dtypes fixed (lax.cond and donation need it).
     new_state = jax.tree.map(lambda a, b: jnp.asarray(b).astype(a.dtype),
@@ -214,9 +239,7 @@ class UnitUpdater:
     if plan is not None:
 
       def probe(s):
-        z = layout.anchor_zeros(i)
-        _, trial = self.tx.update(layout.single(i, g, z), s,
-                                  layout.single(i, self.leaf_value(i, p), z))
+        _, trial = self.run_tx(i, g, s, self.leaf_value(i, p))
         return with_projectors(s, trial)
 
       opt_state = jax.lax.cond(j == 0, probe, lambda s: s, opt_state)
@@ -225,16 +248,20 @@ class UnitUpdater:
       factors = projection.Projector(
           *(projector_storage.load_factor(f)
             for f in gs.projectors[layout.names[i]]))
-      x = projection.project(g, factors, plan)
+      x = (g.make_lowrank(factors) if isinstance(g, Supply) else
+           projection.project(g, factors, plan))
     else:
       x = g
     acc = (st.acc + (x - st.acc) / (j + 1)).astype(st.acc.dtype)
+    dtype = layout.unit_avals[i].dtype
 
     def emit(opt_state, acc):
-      full = acc if plan is None else projection.project_back(acc, factors,
-                                                               plan)
-      new_p, new_opt = self.tx_update(i, full.astype(g.dtype), opt_state, p,
-                                      key)
+      full = lambda: (acc if plan is None else projection.project_back(
+          acc, factors, plan)).astype(dtype)
+      # A fused leaf hands the optimizer the accumulated low-rank gradient
+      # itself (no back-projection to re-project, except on a refresh).
+      mean = Supply(full, lambda _: acc) if isinstance(g, Supply) else full()
+      new_p, new_opt = self.tx_update(i, mean, opt_state, p, key)
       return new_p, new_opt, jnp.zeros_like(acc)
 
     def hold(opt_state, acc):
@@ -249,7 +276,10 @@ class UnitUpdater:
                   key: Any) -> tuple[Any, packing.LeafState]:
     """Clip, accumulate and update one unit (unpacked state)."""
     if self.options.clip_norm is not None:
-      g = clip_leaf(g, self.options.clip_norm)
+      clip = lambda x: clip_leaf(x, self.options.clip_norm)
+      # A supplied gradient: its low-rank form is clipped by its own norm.
+      g = (gradient_supply.transformed(g, clip) if isinstance(g, Supply)
+           else clip(g))
     if self.options.accumulate_steps == 1:
       new_p, opt_state = self.tx_update(i, g, st.opt_state, p, key)
       return new_p, st._replace(opt_state=opt_state)
@@ -258,7 +288,7 @@ class UnitUpdater:
   def update_packed(self, i: int, g: jax.Array, p: Any, packed: Any,
                     key: Any = None) -> tuple[Any, Any]:
     """``update_unit`` on a packed state; integer state waits for ``g``."""
-    zero = ordering.zero_after(g)
+    zero = ordering.zero_after(g.ready if isinstance(g, Supply) else g)
     st = jax.tree.map(lambda y, spec: packing.unpack_array(y, spec, zero),
                       packed, self.layout.specs[i])
     new_p, new_st = self.update_unit(i, g, p, st, key)
