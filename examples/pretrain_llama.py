@@ -539,6 +539,11 @@ def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
                  help="clip gradients to this global norm (0: off)")
   g.add_argument("--grad-accum", type=cli.positive_int, default=1,
                  help="micro-batches per optimizer update (optax.MultiSteps)")
+  g.add_argument("--fused", action="store_true",
+                 help="_layerwise optimizers: between refreshes, make each "
+                 "projected kernel's low-rank gradient from the product's "
+                 "inputs, never its full gradient (make_layerwise_step("
+                 "fused=True))")
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -636,6 +641,8 @@ def parse_args(argv: Sequence[str] | None,
       and not (args.coordinator or args.distributed)):
     parser.error("--num-processes and --process-id need --coordinator (or "
                  "--distributed).")
+  if args.fused and not is_layerwise(args.optimizer):
+    parser.error("--fused needs a _layerwise optimizer.")
   if args.lr is None:
     args.lr = default_lr(args.optimizer)
   if args.out_dir is None:
@@ -891,7 +898,7 @@ def make_update(args: argparse.Namespace, model: Model,
     lw = galore_layerwise.make_layerwise_step(
         loss_of, tx, clip_norm=args.max_grad_norm or None,
         accumulate_steps=args.grad_accum, weight_dtype=model.dtype,
-        donate=False, jit=False)
+        fused=args.fused, donate=False, jit=False)
     if args.max_grad_norm > 0:
       print(f"layer-wise updates: gradients clipped to norm "
             f"{args.max_grad_norm:g} per leaf, not globally.")

@@ -134,6 +134,7 @@ PRETRAIN_PARSE_ERRORS = [
     (["--keep-checkpoints", "0"], "--keep-checkpoints"),
     (["--num-processes", "2"], "--coordinator"),
     (["--process-id", "0"], "--coordinator"),
+    (["--fused"], "--fused"),
 ]
 
 
