@@ -125,7 +125,14 @@ def supplying(stand_in: jax.Array,
 
 
 def supplied(leaf: Any) -> GradientSupply | None:
-  """The supply whose stand-in ``leaf`` is (by identity), or None."""
+  """The supply whose stand-in ``leaf`` is (by identity), or None.
+
+  Args:
+    leaf: an incoming gradient leaf.
+
+  Returns:
+    The innermost active ``GradientSupply`` for it, or None.
+  """
   return next((s for x, s in reversed(_ACTIVE.get()) if x is leaf), None)
 
 

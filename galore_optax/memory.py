@@ -188,9 +188,9 @@ def llama_abstract_params(shape: LlamaShape,
 # The rows of the table; GaLore ones of ours get a row per projector dtype.
 OPTIMIZERS = ("optax.adamw", "adamw_8bit", "optax.contrib.galore",
               "galore_adamw", "galore_adamw_8bit", "fira_adamw",
-              "apollo_adamw", "apollo_mini")
+              "apollo_adamw", "apollo_mini", "apollo_mini_8bit")
 PROJECTED_OPTIMIZERS = ("galore_adamw", "galore_adamw_8bit", "fira_adamw",
-                        "apollo_adamw", "apollo_mini")
+                        "apollo_adamw", "apollo_mini", "apollo_mini_8bit")
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -231,6 +231,9 @@ def comparison_optimizers(rank: int,
       "apollo_mini": aliases.apollo_mini(
           1e-3, target_modules=target_modules,
           projector_dtype=projector_dtype),
+      "apollo_mini_8bit": aliases.apollo_mini(
+          1e-3, target_modules=target_modules,
+          projector_dtype=projector_dtype, state_8bit=True),
   }
 
 
@@ -318,7 +321,9 @@ def explanation(per_layer: bool) -> str:
       "- fira_adamw: galore_adamw's state plus one float32 per projected "
       "matrix (the norm-growth limiter). apollo_adamw: the same with a "
       "random projector of the same size; apollo_mini: rank 1 (two moment "
-      "vectors, a projector vector and a float per matrix).",
+      "vectors, a projector vector and a float per matrix); "
+      "apollo_mini_8bit: the same with 8-bit Adam states (the embedding's "
+      "and head's full-rank moments are most of apollo_mini's state).",
   ]
   return "\n".join(lines)
 

@@ -56,6 +56,19 @@ What the step supports:
 * ``dense(x, kernel)``: the kernel's gradient ``x^T dy`` is made inside the
   kernel's update, one row block at a time for a ``row_chunks`` leaf (a
   large head never has its whole gradient in memory);
+* fused low-rank kernel gradients (``fused=True``): between refreshes a
+  kernel that ``dense`` multiplies and ``galore_project`` projects gets its
+  low-rank gradient made from the product's inputs, ``(x P)^T dy`` or
+  ``x^T (dy Q)`` (``galore_optax.gradient_supply``), never its ``m x n``
+  gradient; updates that refresh its projector make the full gradient, the
+  choice being made inside the compiled step. Fira and APOLLO (which use
+  the full gradient), ``moments="project"``/``"reset"``, ``matrix_axes``
+  views and stacked leaves take the full gradient as without ``fused``.
+  With ``clip_norm``, the low-rank gradient is clipped by its own norm;
+  with accumulation, the accumulated low-rank mean goes to the optimizer
+  as it is (the unfused step back-projects it and the optimizer projects
+  it again: the same for orthonormal projectors, to rounding). Not yet for
+  ``scan_layers`` stacks (their layer gradients are made whole);
 * scanned layer stacks as written (``nnx.scan``/``lax.scan`` over stacked
   weights): correct, the stacked leaf is hooked as a whole, so its gradient is
   the full stacked gradient before its update (no per-layer memory saving for
