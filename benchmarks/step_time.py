@@ -11,7 +11,9 @@ update, apply; parameters and state donated) per optimizer or mode:
   rest), the in-ecosystem peer;
 * ``galore_adamw`` with the exact SVD and with the randomized method, each
   with and without ``stagger_refresh`` (ordinary steps);
-* ``galore_adamw`` (exact SVD) per-layer and per-layer fused.
+* ``galore_adamw`` (exact SVD) per-layer and per-layer fused;
+* ``apollo_adamw`` (random projection at the table's rank, per-channel scaling)
+  and ``apollo_mini`` (rank 1, per-matrix scaling), issue 24's SVD-free peers.
 
 "Per-layer" is ``galore_optax.layerwise.make_layerwise_step``: each leaf is
 updated inside the backward pass (the model's products go through
@@ -143,6 +145,12 @@ def optimizers(rank: int, gap: int, params: Any) -> dict[str, Mode]:
         projector_method=method, stagger_refresh=stagger)
 
   adamw = lambda: optax.adamw(lr)
+  # APOLLO (issue 24): random projections, no SVD; Hugging Face's defaults
+  # (scale 1, per channel) at the table's rank, and APOLLO-Mini (rank 1).
+  apollo = lambda: galore_optax.apollo_adamw(
+      lr, rank=rank, update_proj_gap=gap, target_modules=TARGETS)
+  apollo_mini = lambda: galore_optax.apollo_mini(
+      lr, update_proj_gap=gap, target_modules=TARGETS)
   return {
       "optax.adamw": Mode(adamw, refreshes=NO_REFRESH),
       "optax.adamw per-layer": Mode(adamw, per_layer=True,
@@ -157,6 +165,8 @@ def optimizers(rank: int, gap: int, params: Any) -> dict[str, Mode]:
       "galore_adamw per-layer": Mode(ours("svd"), per_layer=True),
       "galore_adamw per-layer fused": Mode(ours("svd"), per_layer=True,
                                            fused=True),
+      "apollo_adamw": Mode(apollo),
+      "apollo_mini": Mode(apollo_mini),
   }
 
 
