@@ -191,7 +191,8 @@ class Row:
 
 def build_step(preset: str, opt_name: str, mode: str, *, remat: bool,
                rank: int, projector_dtype: str, batch: int, seq: int,
-               row_chunks: int = 1, weights: str = "bf16"):
+               row_chunks: int = 1, weights: str = "bf16",
+               fused: bool = False):
   """The jitted step and its abstract arguments."""
   scan = mode == "layerwise_scan"
   model = llama.abstract_model(preset, dtype=jnp.bfloat16,
@@ -234,7 +235,7 @@ def build_step(preset: str, opt_name: str, mode: str, *, remat: bool,
               if row_chunks > 1 else None)
     lw = layerwise.make_layerwise_step(
         loss_fn, tx, per_layer=["model.layers"] if scan else None,
-        row_chunks=chunks, weight_dtype=jnp.bfloat16)
+        row_chunks=chunks, weight_dtype=jnp.bfloat16, fused=fused)
     step = lw.step
     state = jax.eval_shape(lw.init, params)
   else:
@@ -245,11 +246,12 @@ def build_step(preset: str, opt_name: str, mode: str, *, remat: bool,
 
 def measure(preset: str, opt_name: str, mode: str, *, remat: bool, rank: int,
             projector_dtype: str, batch: int, seq: int, dots: str,
-            top: int = 0, row_chunks: int = 1, weights: str = "bf16") -> Row:
+            top: int = 0, row_chunks: int = 1, weights: str = "bf16",
+            fused: bool = False) -> Row:
   step, abstract_args = build_step(
       preset, opt_name, mode, remat=remat, rank=rank,
       projector_dtype=projector_dtype, batch=batch, seq=seq,
-      row_chunks=row_chunks, weights=weights)
+      row_chunks=row_chunks, weights=weights, fused=fused)
   options = dict(FUSED_BF16_DOTS) if dots == "fused" else {}
   t0 = time.time()
   lowered = step.lower(*abstract_args)
@@ -295,6 +297,10 @@ def main(argv=None):
   parser.add_argument("--row-chunks", type=int, default=1,
                       help="layer-wise modes: update the embedding and the "
                       "head in this many row blocks (row_chunks)")
+  parser.add_argument("--fused", action="store_true",
+                      help="layer-wise modes: make_layerwise_step(fused=True)"
+                      " (projected kernels' low-rank gradients from the "
+                      "products' inputs between refreshes)")
   parser.add_argument("--weights", default="bf16", choices=("bf16", "int8"),
                       help="int8: every matrix stored as int8 codes with "
                       "float32 scales per 256 values (weight_quantization), "
@@ -319,7 +325,7 @@ def main(argv=None):
                         projector_dtype=args.projector_dtype,
                         batch=args.batch, seq=args.seq, dots=dots,
                         top=args.top, row_chunks=args.row_chunks,
-                        weights=args.weights)
+                        weights=args.weights, fused=args.fused)
           mode_text = mode + (f" (row_chunks {row.row_chunks})"
                               if row.row_chunks > 1 else "")
           print(f"| {preset} | {opt} | {mode_text} | {row.remat} | "
