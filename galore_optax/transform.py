@@ -199,6 +199,48 @@ def _supplied_lowrank(policy: refresh.RefreshPolicy,
   return jax.lax.cond(due, fresh, keep, None)
 
 
+def _project(policy: refresh.RefreshPolicy, random_method: bool,
+             grads: list[jax.Array], plans: dict[int, projection.LeafPlan],
+             supplies: dict[int, gradient_supply.GradientSupply],
+             refreshed: refresh.Refreshed, stored: dict[int, Any],
+             schedule_states: dict[int, Any], count: jax.Array
+             ) -> tuple[refresh.Refreshed, dict[int, projection.Projector],
+                        list[jax.Array]]:
+  """Step 2 of ``galore_project``: every leaf's low-rank gradient.
+
+  Supplied leaves (``gradient_supply``), which step 1 left out unless their
+  projectors are random, are refreshed here when due and made in low rank
+  otherwise.
+
+  Returns:
+    ``refreshed`` completed with the supplied leaves, the float32 factors
+    and the gradients with every projected leaf in low rank.
+  """
+  lowrank = list(grads)
+  projectors, ready = dict(refreshed.projectors), []
+  for i, supply in supplies.items():
+    if random_method:  # drawn in step 1
+      lowrank[i] = supply.make_lowrank(projector_storage.load(
+          projectors[i])).astype(projection.lowrank_dtype(grads[i].dtype))
+    else:
+      lowrank[i], projectors[i], schedule_states[i] = _supplied_lowrank(
+          policy, supply, plans[i], stored[i], schedule_states.get(i), count,
+          grads[i].dtype)
+    ready.append(ordering.first_element(lowrank[i]))
+  refreshed = refreshed._replace(
+      projectors=projectors,
+      gradients_ready=[*refreshed.gradients_ready, *ready],
+      schedule_states={**refreshed.schedule_states, **{
+          i: schedule_states[i] for i in supplies if policy.lazy}})
+  factors = {i: projector_storage.load(refreshed.projectors[i])
+             for i in plans}
+  for i in plans:
+    if i not in supplies:
+      lowrank[i] = projection.project(grads[i], factors[i], plans[i]).astype(
+          projection.lowrank_dtype(grads[i].dtype))
+  return refreshed, factors, lowrank
+
+
 def _check_lazy_arguments(refresh_schedule: Any, queue_size: Any,
                           threshold: Any, moments: str,
                           projector_method: str) -> int:
@@ -459,28 +501,9 @@ def galore_project(
           state.count, treedef,
           {i: schedule_states[i] for i in own} if lazy else None)
     # 2. Project the gradients (supplied ones: made in low rank).
-    lowrank = list(grads)
-    projectors, ready = dict(refreshed.projectors), []
-    for i, supply in supplies.items():
-      if projector_method == random_projection.METHOD:  # drawn in step 1
-        lowrank[i] = supply.make_lowrank(projector_storage.load(
-            projectors[i])).astype(projection.lowrank_dtype(grads[i].dtype))
-      else:
-        lowrank[i], projectors[i], schedule_states[i] = _supplied_lowrank(
-            policy, supply, plans[i], stored[i], schedule_states.get(i),
-            state.count, grads[i].dtype)
-      ready.append(ordering.first_element(lowrank[i]))
-    refreshed = refreshed._replace(
-        projectors=projectors,
-        gradients_ready=[*refreshed.gradients_ready, *ready],
-        schedule_states={**refreshed.schedule_states, **{
-            i: schedule_states[i] for i in supplies if lazy}})
-    factors = {i: projector_storage.load(refreshed.projectors[i])
-               for i in plans}
-    for i in plans:
-      if i not in supplies:
-        lowrank[i] = projection.project(grads[i], factors[i], plans[i]).astype(
-            projection.lowrank_dtype(grads[i].dtype))
+    refreshed, factors, lowrank = _project(
+        policy, projector_method == random_projection.METHOD, grads, plans,
+        supplies, refreshed, stored, schedule_states, state.count)
     # 3. Run the inner optimizer.
     inner_updates, inner_state = inner.update(
         treedef.unflatten(lowrank), refreshed.inner_state, None, **extra_args)
