@@ -7,8 +7,8 @@ batches, schedule (10% warm-up, cosine to 10%), clipping and token budget, by
 calling the pre-training example (``examples.pretrain_llama.main``) once per
 optimizer. GaLore runs share rank, gap, scale and targets (attention and MLP),
 ``optax.contrib.galore`` included. Peak learning rates are swept for both
-sides (AdamW 1e-4 .. 1e-2, GaLore 5e-3 and 1e-2; its successors Fira and
-APOLLO at 5e-3 and 1e-2, APOLLO-Mini at 1e-3 .. 1e-2). Reported: the final
+sides (AdamW 1e-4 .. 1e-2, GaLore and Fira 5e-3 and 1e-2, APOLLO 3e-3 ..
+1e-2, APOLLO-Mini 1e-3 .. 1e-2). Reported: the final
 held-out loss and perplexity of each, and the ratio of each final loss to
 the best AdamW run's; the loss curves go to a PNG.
 
@@ -96,7 +96,8 @@ RUNS: dict[str, list[str]] = {
     **{f"apollo_adamw{tag}": [
         "--optimizer", "apollo_adamw", "--projector-method", "random",
         "--scale", "1.0", *lr]
-       for tag, lr in (("", []), ("_lr5e-3", ["--lr", "5e-3"]))},
+       for tag, lr in (("", []), ("_lr5e-3", ["--lr", "5e-3"]),
+                       ("_lr3e-3", ["--lr", "3e-3"]))},
     **{f"apollo_mini{tag}": [
         "--optimizer", "apollo_adamw", "--projector-method", "random",
         "--rank", "1", "--scale", "128", "--scale-type", "tensor",
