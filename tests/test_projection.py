@@ -100,6 +100,37 @@ def test_batched_leaf_equals_separate_matrices():
     np.testing.assert_allclose(proj.right[i], single.right, atol=1e-5)
 
 
+def _svd_operand_shapes(fn, *args):
+  """Shapes of the matrices that ``fn``'s jaxpr hands to an SVD."""
+  shapes, stack = [], [jax.make_jaxpr(fn)(*args).jaxpr]
+  while stack:
+    for eqn in stack.pop().eqns:
+      if eqn.primitive.name == "svd":
+        shapes.append(eqn.invars[0].aval.shape)
+      for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", param)
+        if hasattr(inner, "eqns"):
+          stack.append(inner)
+  return set(shapes)
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 10), (3, 10, 6)])
+def test_exact_svd_decomposes_the_tall_orientation(shape):
+  """XLA:CPU's SVD of a wide matrix takes 1.25-1.5x its transpose's."""
+  plan = projection.plan_leaf(shape, 2, "full")
+  assert _svd_operand_shapes(lambda g: projection.compute_projector(g, plan),
+                             jnp.zeros(shape)) == {(3, 10, 6)}
+
+
+def test_exact_projector_of_a_matrix_and_its_transpose_agree():
+  g = _matrix(6, 12, 20)
+  left = projection.compute_projector(
+      g, projection.plan_leaf(g.shape, 5, "left")).left
+  right = projection.compute_projector(
+      g.T, projection.plan_leaf(g.T.shape, 5, "right")).right
+  np.testing.assert_array_equal(left, right.T)
+
+
 def _captured_energy(g, proj, plan):
   return float(jnp.sum(projection.project(g, proj, plan) ** 2))
 
@@ -130,6 +161,53 @@ def test_randomized_warm_start_tracks_drifting_subspace():
   exact1 = projection.compute_projector(g1, plan)
   ratio = _captured_energy(g1, warm, plan) / _captured_energy(g1, exact1, plan)
   assert ratio > 0.999
+
+
+def test_randomized_refresh_of_degenerate_gradients_is_orthonormal():
+  """Zero and rank-deficient gradients, whose range may lie in the previous
+  projector's span (the oversampling columns add nothing then)."""
+  rng = np.random.default_rng(0)
+  inside = np.zeros((24, 40))
+  inside[:3] = rng.standard_normal((3, 40))
+  gs = jnp.asarray(np.stack([
+      np.zeros((24, 40)), np.outer(rng.standard_normal(24),
+                                   rng.standard_normal(40)),
+      inside, rng.standard_normal((24, 40))]), jnp.float32)
+  plan = projection.plan_leaf(gs.shape, 6, "full")
+  refresh = jax.jit(lambda g, p: projection.refresh_projector(
+      g, plan, p, method="randomized", key=jax.random.key(0)))
+  for previous in (projection.initial_projector(plan),
+                   projection.compute_projector(gs, plan)):
+    new = refresh(gs, previous)
+    for p in (new.left, jnp.swapaxes(new.right, -1, -2)):
+      np.testing.assert_allclose(jnp.swapaxes(p, -1, -2) @ p,
+                                 np.broadcast_to(np.eye(6), (4, 6, 6)),
+                                 atol=1e-5)
+
+
+def test_randomized_keeps_the_ritz_vectors_where_cholesky_qr_fails(
+    monkeypatch):
+  """An ill-conditioned power step (here: a poisoned factorisation of one
+  matrix's 12 x 12 Gram matrix) falls back to the Rayleigh-Ritz vectors."""
+  gs = jnp.stack([_matrix(i, 40, 24, decay=0.8) for i in range(3)])
+  plan = projection.plan_leaf(gs.shape, 4, "left")
+  cholesky = jnp.linalg.cholesky
+
+  def poisoned(x, **kwargs):
+    out = cholesky(x, **kwargs)
+    if x.shape[-1] != 12:  # rank + oversampling: the power step's
+      return out
+    return out.at[1].set(jnp.nan)
+
+  monkeypatch.setattr(jnp.linalg, "cholesky", poisoned)
+  previous = projection.initial_projector(plan)
+  new = projection.refresh_projector(gs, plan, previous, method="randomized",
+                                     key=jax.random.key(0))
+  p = np.asarray(new.left)
+  assert np.all(np.isfinite(p)) and not np.array_equal(p[1],
+                                                       previous.left[1])
+  np.testing.assert_allclose(np.swapaxes(p, -1, -2) @ p,
+                             np.broadcast_to(np.eye(4), (3, 4, 4)), atol=1e-5)
 
 
 def test_randomized_needs_previous_and_key():
