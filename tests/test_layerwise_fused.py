@@ -4,8 +4,9 @@ Between refreshes, ``layerwise.dense`` hands ``galore_project`` the
 projection of a kernel's gradient made from the product's inputs
 (``gradient_supply``) instead of the ``m x n`` gradient. The toy: an
 embedding, two layers whose wide (16 x 40) and tall (40 x 16) kernels go
-through ``dense`` inside ``call_layer``, a head through ``dense`` outside
-any layer; refreshes at updates 0, 2, 4.
+through ``dense`` inside ``call_layer`` (or, stacked, inside
+``scan_layers``), a head through ``dense`` outside any layer; refreshes at
+updates 0, 2, 4.
 """
 
 import jax
@@ -53,28 +54,70 @@ def _loss(params, ids):
       logits, (ids + 1) % V).mean()
 
 
+def _stacked(params):
+  """The same weights, the layers stacked for ``scan_layers``."""
+  return dict(params, layers=jax.tree.map(lambda *x: jnp.stack(x),
+                                          *params["layers"]))
+
+
+def _scanned_layer(x, p, scale):
+  # ``scale`` comes in as an argument of every layer (as a rotary table
+  # would), so ``dense`` inside finds the layer's kernels.
+  return _layer(x * scale, p)
+
+
+def _scanned_loss(params, ids):
+  x = lw.embedding_lookup(params["embed"], ids)
+  x = lw.scan_layers(_scanned_layer, x, params["layers"], jnp.float32(1.0))
+  logits = lw.dense(x, params["head"])
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, (ids + 1) % V).mean()
+
+
+# (loss, parameters, make_layerwise_step options) of each model layout.
+MODELS = {"unrolled": (_loss, lambda p: p, {}),
+          "scanned": (_scanned_loss, _stacked, {"per_layer": ["layers"]})}
+
+
 def _galore(proj_type="std", **kw):
   return go.galore_adamw(LR, rank=4, update_proj_gap=GAP, eps=1e-6,
                          weight_decay=0.1, proj_type=proj_type,
                          target_modules=["up", "down", "head"], **kw)
 
 
-def _steps(tx, params, batches=BATCHES, **kw):
+def _steps(tx, params, batches=BATCHES, loss=_loss, **kw):
   results = []
   for fused in (False, True):
-    init, step = lw.make_layerwise_step(_loss, tx, fused=fused, donate=False,
+    init, step = lw.make_layerwise_step(loss, tx, fused=fused, donate=False,
                                         **kw)
     results.append(run(step, params, jax.jit(init)(params), batches))
   return results
 
 
+@pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("proj_type",
                          ["std", "reverse_std", "left", "right", "full"])
-def test_fused_updates_equal_unfused_across_refreshes(proj_type):
-  (p0, s0, l0), (p1, s1, l1) = _steps(_galore(proj_type), _params())
+def test_fused_updates_equal_unfused_across_refreshes(proj_type, model):
+  loss, layout, kw = MODELS[model]
+  (p0, s0, l0), (p1, s1, l1) = _steps(_galore(proj_type), layout(_params()),
+                                      loss=loss, **kw)
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   assert_close(p0, p1)
   _assert_states_close(s0, s1)
+
+
+def test_scanned_fused_step_equals_the_unrolled_one():
+  """The stacked layers' fused updates are the unrolled layers' (the scan
+  changes where the updates run, not what they are)."""
+  (p0, s0, l0), = _steps(_galore("std"), _params())[1:]
+  loss, layout, kw = MODELS["scanned"]
+  (p1, s1, l1), = _steps(_galore("std"), layout(_params()), loss=loss,
+                         **kw)[1:]
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  assert_close(layout(p0), p1)
+  _assert_states_close(
+      [s0.leaves["head"], s0.leaves["embed"]],
+      [s1.leaves["head"], s1.leaves["embed"]])
 
 
 def _assert_states_close(a, b):
@@ -176,16 +219,18 @@ def _subjaxprs(params):
         yield v
 
 
-def test_between_refreshes_no_full_weight_gradient_is_made():
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_between_refreshes_no_full_weight_gradient_is_made(model):
   """Fused: a projected kernel's ``x^T dy`` exists only in the refresh
   branch of a ``cond``; unfused, it is made on every step."""
-  params = _params()
-  shape = (D, F)  # the "up" kernels
-  for fused, expected in ((False, {False}), (True, {True})):
-    init, step = lw.make_layerwise_step(_loss, _galore(), fused=fused,
-                                        jit=False)
-    jaxpr = jax.make_jaxpr(step)(params, init(params), BATCHES[0]).jaxpr
-    assert set(_weight_gradient_products(jaxpr, shape)) == expected
+  loss, layout, kw = MODELS[model]
+  params = layout(_params())
+  for shape in ((D, F), (F, D)):  # the "up" and "down" kernels
+    for fused, expected in ((False, {False}), (True, {True})):
+      init, step = lw.make_layerwise_step(loss, _galore(), fused=fused,
+                                          jit=False, **kw)
+      jaxpr = jax.make_jaxpr(step)(params, init(params), BATCHES[0]).jaxpr
+      assert set(_weight_gradient_products(jaxpr, shape)) == expected
 
 
 def test_a_transformation_before_galore_project_refuses_fusion():

@@ -67,8 +67,9 @@ What the step supports:
   With ``clip_norm``, the low-rank gradient is clipped by its own norm;
   with accumulation, the accumulated low-rank mean goes to the optimizer
   as it is (the unfused step back-projects it and the optimizer projects
-  it again: the same for orthonormal projectors, to rounding). Not yet for
-  ``scan_layers`` stacks (their layer gradients are made whole);
+  it again: the same for orthonormal projectors, to rounding). The same
+  for ``scan_layers`` stacks whose layer function closes over no traced
+  value (pass those as ``scan_layers``' ``args``);
 * scanned layer stacks as written (``nnx.scan``/``lax.scan`` over stacked
   weights): correct, the stacked leaf is hooked as a whole, so its gradient is
   the full stacked gradient before its update (no per-layer memory saving for

@@ -198,8 +198,8 @@ def build_layout(paths_leaves: list[tuple[Any, Any]], treedef: Any,
   anchor, opt_specs = _optimizer_specs(treedef, units, tx)
   lowrank, specs = _leaf_states(names, units, chunks, opt_specs, options)
   fused = [_projected_plan(name, unit, spec)
-           if options.fused and not p and unit.ndim == 2 else None
-           for name, unit, spec, p in zip(names, units, opt_specs, per)]
+           if options.fused and unit.ndim == 2 else None
+           for name, unit, spec in zip(names, units, opt_specs)]
   return Layout(treedef, tuple(names), tuple(per), tuple(chunks),
                 tuple(units), tuple(anchor), tuple(specs), tuple(lowrank),
                 tuple(fused), tuple(quantized), tuple(qindex))

@@ -29,26 +29,33 @@ LayerCall = context_lib.LayerCall
 # -- public primitives ---------------------------------------------------------
 
 
-def scan_layers(f: Callable[[Any, Any], Any], carry: Any, layers: Any) -> Any:
-  """Applies ``f(carry, layer)`` to each slice of a stacked layer tree.
+def scan_layers(f: Callable[..., Any], carry: Any, layers: Any,
+                *args: Any) -> Any:
+  """Applies ``f(carry, layer, *args)`` to each slice of a stacked layer tree.
 
   ``layers`` is a tree whose arrays share a leading layer axis ``L``; the
-  result is ``f(...f(f(carry, layers[0]), layers[1])..., layers[L-1])``.
+  result is ``f(...f(f(carry, layers[0]), layers[1])..., layers[L-1])``
+  (each call also given ``args``).
 
   Outside a layer-wise step (or for leaves not named in ``per_layer``) this
   is ``jax.lax.scan``. Inside a step from ``make_layerwise_step`` whose
   ``per_layer`` names these leaves, the backward pass is a reverse loop over
-  the layers that recomputes layer ``l`` from its saved input, takes its
-  gradient and immediately updates layer ``l``'s slices of the parameters
-  and optimizer states in place, so only one layer's gradient exists at a
-  time. ``f`` may close over other arrays (rotary tables, masks, shared
-  weights); their gradients are accumulated over the layers as usual.
+  the layers that recomputes layer ``l`` from its saved input and runs
+  ``call_layer``'s backward pass on it: layer ``l``'s slices of the
+  parameters and optimizer states are updated in place (a kernel that ``f``
+  multiplies through ``dense`` inside its product's backward rule), so only
+  one layer's gradients exist at a time. Pass the layer's other traced
+  inputs (rotary tables, masks) as ``args``: ``f`` may close over traced
+  arrays (their gradients are accumulated over the layers as usual), but
+  then ``dense`` inside it is a plain product, as in ``call_layer``.
 
   Args:
-    f: ``(carry, layer) -> carry``, carry structure and shapes preserved.
+    f: ``(carry, layer, *args) -> carry``, carry structure and shapes
+      preserved.
     carry: the initial carry (e.g. the hidden states).
     layers: the stacked layer parameters (e.g. ``nnx.state`` of a stacked
       module or a dict of arrays with a leading layer axis).
+    *args: other inputs of every layer (arrays or trees of arrays).
 
   Returns:
     The final carry.
@@ -56,9 +63,9 @@ def scan_layers(f: Callable[[Any, Any], Any], carry: Any, layers: Any) -> Any:
   leaves, ldef = jax.tree.flatten(layers)
   ctx = context_lib.current()
   if ctx is None or all(ctx.per_layer_index(x) is None for x in leaves):
-    out, _ = jax.lax.scan(lambda c, p: (f(c, p), None), carry, layers)
+    out, _ = jax.lax.scan(lambda c, p: (f(c, p, *args), None), carry, layers)
     return out
-  return scan.scan_layerwise(ctx, f, carry, leaves, ldef)
+  return scan.scan_layerwise(ctx, f, carry, leaves, ldef, args)
 
 
 def call_layer(f: Callable[..., Any], carry: Any, params: Any, *args: Any,

@@ -2,9 +2,10 @@
 
 The forward pass is a ``lax.scan`` over the layers that saves each layer's
 input. The backward pass is a reverse loop that recomputes layer ``l`` from
-its saved input, takes its gradient and updates layer ``l``'s slices of the
-``per_layer`` leaves and of their packed states in place (the loop carries
-the whole stacks), so only one layer's gradient exists at a time. Gradients
+its saved input and runs ``call_layer``'s backward pass on it, updating layer
+``l``'s slices of the ``per_layer`` leaves and of their packed states in
+place (the loop carries the whole stacks), so only one layer's gradients
+exist at a time. Gradients
 of the other inputs (leaves not in ``per_layer``, arrays ``f`` closes over)
 are accumulated over the layers as in an ordinary scan.
 """
@@ -30,46 +31,40 @@ class ScanCall:
   """One ``scan_layers`` call inside a step.
 
   Attributes:
-    fn: ``(carry, layer, *consts) -> carry`` (``f`` closure-converted).
-    treedef: the structure of one layer.
-    registered: per leaf of ``layers``, whether it is a ``per_layer`` leaf.
-    leaf_ids: the step's leaf index of each of those.
+    layer: one layer as a ``call_layer`` layer (its ``hooked`` marks the
+      ``per_layer`` leaves among the layer's leaves).
     num_layers: the length of the layer axis.
   """
 
-  fn: Callable[..., Any]
-  treedef: Any
-  registered: tuple[bool, ...]
-  leaf_ids: tuple[int, ...]
+  layer: context_lib.LayerCall
   num_layers: int
-
-  def apply_layer(self, c: Any, layer_leaves: list[Any],
-                  consts: list[Any]) -> Any:
-    """One layer: ``fn`` on the carry and one layer's leaves."""
-    return self.fn(c, self.treedef.unflatten(layer_leaves), *consts)
 
   def forward(self, reg_p: list[Any], oth_p: list[Any], carry: Any,
               consts: list[Any], save: bool) -> tuple[Any, Any]:
     """The scan over the layers: (final carry, each layer's input or
     None)."""
+    layer = self.layer
 
     def body(c, sl):
-      return self.apply_layer(c, sl, consts), (c if save else None)
+      out = layer.fn(c, layer.treedef.unflatten(sl), *consts)
+      return out, (c if save else None)
 
     return jax.lax.scan(body, carry,
-                        trees.interleave(self.registered, reg_p, oth_p))
+                        trees.interleave(layer.hooked, reg_p, oth_p))
 
 
-def scan_layerwise(ctx: Context, f: Callable[[Any, Any], Any], carry: Any,
-                   leaves: list[Any], ldef: Any) -> Any:
+def scan_layerwise(ctx: Context, f: Callable[..., Any], carry: Any,
+                   leaves: list[Any], ldef: Any, args: tuple[Any, ...] = ()
+                   ) -> Any:
   """``scan_layers`` over a stack holding ``per_layer`` leaves of ``ctx``.
 
   Args:
     ctx: the step's context.
-    f: ``(carry, layer) -> carry``.
+    f: ``(carry, layer, *args) -> carry``.
     carry: the initial carry.
     leaves: the flattened stacked layers.
     ldef: their structure.
+    args: the layer's other inputs, the same for every layer.
 
   Returns:
     The final carry; the backward pass updates the ``per_layer`` leaves.
@@ -95,14 +90,19 @@ def scan_layerwise(ctx: Context, f: Callable[[Any, Any], Any], carry: Any,
     return carry
   reg_states = [ctx.packed[i] for i in leaf_ids]
   example = ldef.unflatten([x[0] for x in leaves])
-  f_conv, consts = jax.closure_convert(f, carry, example)
+  f_conv, consts = jax.closure_convert(f, carry, example, *args)
   if any(ctx.per_layer_index(c) is not None for c in consts):
     raise ValueError("scan_layers: `f` closes over a per_layer stacked leaf; "
                      "it must only see its layer slice.")
-  call = ScanCall(f_conv, ldef, registered, leaf_ids, num_layers)
+  # As in call_layer, ``f`` itself (not its traced copy) must run for
+  # ``dense`` to find the layer's kernels; it can when it closes over no
+  # traced value.
+  call = ScanCall(
+      context_lib.LayerCall(f_conv if consts else f, ldef, registered,
+                            leaf_ids), num_layers)
   return _scan_update(ctx, call, trees.select(leaves, registered), reg_states,
                       trees.select(leaves, [not r for r in registered]),
-                      carry, list(consts))
+                      carry, [*args, *consts])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -117,7 +117,10 @@ def _scan_update(ctx: Context, call: ScanCall, reg_p: list[Any],
 def _scan_update_fwd(ctx: Context, call: ScanCall, reg_p: list[Any],
                      reg_s: list[Any], oth_p: list[Any], carry: Any,
                      cs: list[Any]) -> tuple[Any, tuple[Any, ...]]:
-  del ctx
+  first = lambda x: x[0]
+  ctx.check_layer(call.layer, carry, [first(x) for x in oth_p],
+                  [(first(p), jax.tree.map(first, s), None)
+                   for p, s in zip(reg_p, reg_s)], cs)
   out, saved = call.forward(reg_p, oth_p, carry, cs, True)
   return out, (reg_p, reg_s, oth_p, saved, cs)
 
@@ -134,6 +137,12 @@ def backward(ctx: Context, call: ScanCall, res: tuple[Any, ...],
              ct_out: Any) -> tuple[Any, ...]:
   """The reverse loop: recompute, differentiate and update each layer.
 
+  Layer ``l``'s backward pass is ``call_layer``'s
+  (``LayerwiseContext.layer_backward``) on its slices: kernels multiplied
+  through ``dense`` are updated inside their products' backward rules (with
+  ``fused=True`` from their low-rank gradients between refreshes), the
+  other ``per_layer`` slices at the layer's end.
+
   Args:
     ctx: the step's context.
     call: the scan.
@@ -147,47 +156,32 @@ def backward(ctx: Context, call: ScanCall, res: tuple[Any, ...],
     states, then the ordinary gradients.
   """
   reg_p, reg_s, oth_p, saved, cs = res
-  for i in call.leaf_ids:
-    ctx.reached.add(i)
   c_leaves0, cdef = jax.tree.flatten(saved)
   c_float = [trees.is_float(x) for x in c_leaves0]
   k_float = [trees.is_float(jnp.asarray(x)) for x in cs]
   o_float = [trees.is_float(x) for x in oth_p]
   ct_c = trees.select(jax.tree.leaves(ct_out), c_float)
+  c_zero = [trees.float0_like(x[0]) for x in c_leaves0]
 
   def body(step, loop):
     reg_p, reg_s, ct_oth, ct_c, ct_k = loop
     l = call.num_layers - 1 - step
     take = lambda x: jax.lax.dynamic_index_in_dim(x, l, 0, keepdims=False)
     put = lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v, l, 0)
-    c_l = [take(x) for x in c_leaves0]
-    sl = [take(x) for x in trees.interleave(call.registered, reg_p, oth_p)]
-    sl_float = [trees.is_float(x) for x in sl]
-
-    def layer(cf, sf, kf):
-      c = cdef.unflatten(trees.merge(c_l, c_float, cf))
-      out = call.apply_layer(c, trees.merge(sl, sl_float, sf),
-                             trees.merge(list(cs), k_float, kf))
-      return trees.select(jax.tree.leaves(out), c_float)
-
-    _, vjp = jax.vjp(layer, trees.select(c_l, c_float),
-                     trees.select(sl, sl_float),
-                     trees.select(list(cs), k_float))
-    ct_c, g_sl, g_k = vjp(ct_c)
-    g_all = trees.merge([None] * len(sl), sl_float, g_sl)
-    new_reg_p, new_reg_s = [], []
-    reg_slices = trees.select(sl, call.registered)
-    reg_grads = trees.select(g_all, call.registered)
-    for i, p_l, g_l, s in zip(call.leaf_ids, reg_slices, reg_grads, reg_s):
-      s_l = jax.tree.map(take, s)
-      new_p_l, new_s_l = ctx.updater.update_packed(i, g_l, p_l, s_l)
-      new_reg_p.append(put(reg_p[len(new_reg_p)], new_p_l))
-      new_reg_s.append(jax.tree.map(put, s, new_s_l))
-    oth_grads = trees.select(
-        trees.select(g_all, [not r for r in call.registered]), o_float)
-    ct_oth = [put(a, g.astype(a.dtype)) for a, g in zip(ct_oth, oth_grads)]
-    ct_k = [a + g for a, g in zip(ct_k, g_k)]
-    return new_reg_p, new_reg_s, ct_oth, ct_c, ct_k
+    c_l = cdef.unflatten([take(x) for x in c_leaves0])
+    h_in = [(take(p), jax.tree.map(take, s), None)
+            for p, s in zip(reg_p, reg_s)]
+    ct_l = cdef.unflatten(trees.merge(c_zero, c_float, ct_c))
+    ct_c, g_oth, new_h, g_k = ctx.layer_backward(
+        call.layer, (c_l, [take(x) for x in oth_p], h_in, list(cs)), ct_l)
+    reg_p = [put(x, new_p) for x, (new_p, _, _) in zip(reg_p, new_h)]
+    reg_s = [jax.tree.map(put, s, new_s)
+             for s, (_, new_s, _) in zip(reg_s, new_h)]
+    ct_oth = [put(a, g.astype(a.dtype))
+              for a, g in zip(ct_oth, trees.select(g_oth, o_float))]
+    ct_k = [a + g for a, g in zip(ct_k, trees.select(g_k, k_float))]
+    return (reg_p, reg_s, ct_oth,
+            trees.select(jax.tree.leaves(ct_c), c_float), ct_k)
 
   loop = (list(reg_p), list(reg_s),
           [jnp.zeros_like(x) for x in trees.select(oth_p, o_float)], ct_c,
@@ -196,8 +190,6 @@ def backward(ctx: Context, call: ScanCall, res: tuple[Any, ...],
       0, call.num_layers, body, loop)
   ct_oth_all = trees.merge([trees.float0_like(x) for x in oth_p], o_float,
                            ct_oth)
-  ct_carry = cdef.unflatten(
-      trees.merge([trees.float0_like(x[0]) for x in c_leaves0], c_float,
-                  ct_c))
+  ct_carry = cdef.unflatten(trees.merge(c_zero, c_float, ct_c))
   ct_cs = trees.merge([trees.float0_like(x) for x in cs], k_float, ct_k)
   return reg_p, reg_s, ct_oth_all, ct_carry, ct_cs

@@ -303,8 +303,9 @@ class UnitUpdater:
       g: the leaf's gradient, or a function ``(start, rows) -> rows
         start:start+rows of the gradient`` (``dense``,
         ``embedding_lookup``), so a row-chunked leaf's gradient is made one
-        block at a time.
-      p: the leaf's stored value.
+        block at a time, or a ``GradientSupply`` (a fused kernel).
+      p: the leaf's stored value (of a ``per_layer`` leaf: the whole stack,
+        or inside ``scan_layers`` one layer's slice).
       packed: its packed state.
       key: for int8 leaves, the leaf's rounding key (or None); a row block
         passes its first row along with it, so blocks draw the whole leaf's
@@ -313,11 +314,14 @@ class UnitUpdater:
     Returns:
       The new stored value and packed state.
     """
-    if self.layout.per_layer[i]:
-      return jax.vmap(lambda *a: self.update_packed(i, *a))(g, p, packed)
     nk = self.layout.chunks[i]
     unit_shape = self.layout.unit_avals[i].shape
     rows_total = unit_shape[0] * nk if unit_shape else 0
+    if self.layout.per_layer[i] and jnp.shape(p) != unit_shape:
+      # The whole stack (a scan_layers loss that does not reach it); inside
+      # scan_layers' loop a per_layer leaf arrives one layer slice (unit)
+      # at a time and takes the path below.
+      return jax.vmap(lambda *a: self.update_packed(i, *a))(g, p, packed)
     if nk == 1:
       if callable(g):
         g = g(0, rows_total)
