@@ -55,6 +55,8 @@ conds hold only its SVDs (counted as zero), so its compiled count is its
 ordinary path; ``optax.adamw`` has no refresh. With both per-layer
 ``galore_adamw`` rows, a last line compares the fused step's saving of
 ordinary-path flops with issue #26's arithmetic (``expected_fused_saving``).
+"GB accessed" is XLA's estimate of the compiled step's memory traffic
+(``"bytes accessed"``, counted the same way).
 
 Run from the repository root (on whatever backend JAX has; nothing is
 CPU-specific)::
@@ -203,12 +205,18 @@ def compile_step(mode: Mode, graphdef: Any, params_abstract: Any,
   return compiled, init, time.perf_counter() - start
 
 
-def xla_flops(compiled: Any) -> float:
-  """XLA's flop count of a compiled step (NaN if it has none)."""
+def xla_cost(compiled: Any, key: str = "flops") -> float:
+  """One figure of XLA's cost analysis of a compiled step (NaN if absent):
+  ``"flops"``, or ``"bytes accessed"`` (its estimate of memory traffic)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per module
     cost = cost[0] if cost else None
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+  return float(cost.get(key, float("nan"))) if cost else float("nan")
+
+
+def xla_flops(compiled: Any) -> float:
+  """XLA's flop count of a compiled step (NaN if it has none)."""
+  return xla_cost(compiled, "flops")
 
 
 def cost_analysis_semantics(n: int = 128) -> str:
@@ -345,7 +353,8 @@ def print_table(rows: dict[str, dict[str, Any]], compile_only: bool) -> None:
   peer = rows.get("optax.contrib.galore", {})
   gflop = lambda x: "-" if x is None else f"{x / 1e9:.2f}"
   head = ["optimizer / mode", "compile (s)", "GFLOP/step, ordinary path",
-          "GFLOP/step, compiled step", "ordinary GFLOP / adamw"]
+          "GFLOP/step, compiled step", "ordinary GFLOP / adamw",
+          "GB accessed/step, compiled step"]
   head += (["compile / adamw"] if compile_only else [
       "median ordinary (s)", "refresh (s)", "slowest (s)", "amortised (s)",
       "window mean (s)", "amortised / adamw", "amortised / contrib",
@@ -355,7 +364,8 @@ def print_table(rows: dict[str, dict[str, Any]], compile_only: bool) -> None:
   for name, r in rows.items():
     cells = [name, f"{r['compile_s']:.1f}", gflop(r["path_flops"]),
              gflop(r["flops"]),
-             _ratio(r["path_flops"], base.get("path_flops"))]
+             _ratio(r["path_flops"], base.get("path_flops")),
+             gflop(r["bytes"])]
     if compile_only:
       cells.append(_ratio(r["compile_s"], base.get("compile_s")))
     else:
@@ -467,7 +477,8 @@ def main(argv: list[str] | None = None) -> None:
     path_flops = (ordinary_path_flops(mode, graphdef, params_abstract, batch,
                                       flops) if args.ordinary_flops else None)
     rows[name] = {"compile_s": compile_s, "flops": flops,
-                  "path_flops": path_flops}
+                  "path_flops": path_flops,
+                  "bytes": xla_cost(compiled, "bytes accessed")}
     if args.compile_only:
       print(name, {k: round(v, 3) for k, v in rows[name].items()
                    if v is not None}, flush=True)
