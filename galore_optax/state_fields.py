@@ -87,7 +87,10 @@ def is_second_moment(state: optax.OptState, path: KeyPath) -> bool:
         return True
     try:
       if isinstance(key, jax.tree_util.GetAttrKey):
-        node = getattr(node, key.name)
+        # A flax Variable's ``.value`` is deprecated; ``get_value()`` reads
+        # the same thing.
+        node = (node.get_value() if key.name == "value" and
+                hasattr(node, "get_value") else getattr(node, key.name))
       elif isinstance(key, jax.tree_util.DictKey):
         node = node[key.key]
       elif isinstance(key, jax.tree_util.SequenceKey):
