@@ -56,7 +56,10 @@ ordinary path; ``optax.adamw`` has no refresh. With both per-layer
 ``galore_adamw`` rows, a last line compares the fused step's saving of
 ordinary-path flops with issue #26's arithmetic (``expected_fused_saving``).
 "GB accessed" is XLA's estimate of the compiled step's memory traffic
-(``"bytes accessed"``, counted the same way).
+(``"bytes accessed"``, counted the same way), "temps" its temporary buffers
+(``memory_analysis``), and "page faults" the median minor page faults of
+the process per ordinary step (``getrusage``): first touches of memory
+pages, which a step pays for every fresh page of its buffers.
 
 Run from the repository root (on whatever backend JAX has; nothing is
 CPU-specific)::
@@ -82,6 +85,7 @@ import ast
 import dataclasses
 import json
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -298,18 +302,28 @@ def _warm_up(live: dict[str, list], batch: Any) -> None:
     jax.block_until_ready(compiled(*copies, batch))
 
 
+def _minor_page_faults() -> int:
+  """This process's minor page faults so far (first touches of fresh
+  memory pages)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _run_window(live: dict[str, list], step_times: dict[str, list[float]],
-                batch: Any, window: int) -> None:
+                step_faults: dict[str, list[int]], batch: Any,
+                window: int) -> None:
   """Runs the first (refresh) step and ``window`` more of each live
-  optimizer, in alternation, appending each step's time."""
+  optimizer, in alternation, appending each step's time and page
+  faults."""
   _warm_up(live, batch)
   for _ in range(window + 1):  # step 0 refreshes every projector
     for name, run in live.items():
       compiled, params, state = run
+      faults = _minor_page_faults()
       start = time.perf_counter()
       params, state, loss = compiled(params, state, batch)
       jax.block_until_ready(loss)
       step_times[name].append(time.perf_counter() - start)
+      step_faults[name].append(_minor_page_faults() - faults)
       run[1:] = [params, state]
 
 
@@ -354,18 +368,18 @@ def print_table(rows: dict[str, dict[str, Any]], compile_only: bool) -> None:
   gflop = lambda x: "-" if x is None else f"{x / 1e9:.2f}"
   head = ["optimizer / mode", "compile (s)", "GFLOP/step, ordinary path",
           "GFLOP/step, compiled step", "ordinary GFLOP / adamw",
-          "GB accessed/step, compiled step"]
+          "GB accessed/step, compiled step", "temps (GB)"]
   head += (["compile / adamw"] if compile_only else [
       "median ordinary (s)", "refresh (s)", "slowest (s)", "amortised (s)",
       "window mean (s)", "amortised / adamw", "amortised / contrib",
-      "median / adamw", "median / contrib"])
+      "median / adamw", "median / contrib", "page faults / step"])
   print("| " + " | ".join(head) + " |")
   print("|---|" + "---:|" * (len(head) - 1))
   for name, r in rows.items():
     cells = [name, f"{r['compile_s']:.1f}", gflop(r["path_flops"]),
              gflop(r["flops"]),
              _ratio(r["path_flops"], base.get("path_flops")),
-             gflop(r["bytes"])]
+             gflop(r["bytes"]), gflop(r["temps"])]
     if compile_only:
       cells.append(_ratio(r["compile_s"], base.get("compile_s")))
     else:
@@ -375,7 +389,8 @@ def print_table(rows: dict[str, dict[str, Any]], compile_only: bool) -> None:
                 _ratio(r["amortised_s"], base.get("amortised_s")),
                 _ratio(r["amortised_s"], peer.get("amortised_s")),
                 _ratio(r["median_s"], base.get("median_s")),
-                _ratio(r["median_s"], peer.get("median_s"))]
+                _ratio(r["median_s"], peer.get("median_s")),
+                f"{r['faults']:.0f}"]
     print("| " + " | ".join(cells) + " |")
 
 
@@ -468,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
       parser.error(f"unknown optimizers {unknown}; known: {list(modes)}")
     modes = {k: v for k, v in modes.items() if k in args.only}
 
-  rows, step_times = {}, {}
+  rows, step_times, step_faults = {}, {}, {}
   live = {}  # with --interleave: name -> [compiled, params, state]
   for name, mode in modes.items():
     compiled, init, compile_s = compile_step(mode, graphdef, params_abstract,
@@ -478,22 +493,25 @@ def main(argv: list[str] | None = None) -> None:
                                       flops) if args.ordinary_flops else None)
     rows[name] = {"compile_s": compile_s, "flops": flops,
                   "path_flops": path_flops,
-                  "bytes": xla_cost(compiled, "bytes accessed")}
+                  "bytes": xla_cost(compiled, "bytes accessed"),
+                  "temps": compiled.memory_analysis().temp_size_in_bytes}
     if args.compile_only:
       print(name, {k: round(v, 3) for k, v in rows[name].items()
                    if v is not None}, flush=True)
       continue
     params = nnx.state(llama.build_model(config, rngs=0), nnx.Param)
     live[name] = [compiled, params, jax.jit(init)(params)]
-    step_times[name] = []
+    step_times[name], step_faults[name] = [], []
     if not args.interleave:  # one optimizer's window after another's
-      _run_window(live, step_times, batch, args.window)
+      _run_window(live, step_times, step_faults, batch, args.window)
       del live[name]
   if args.interleave:  # every optimizer's step i, then every step i + 1
-    _run_window(live, step_times, batch, args.window)
+    _run_window(live, step_times, step_faults, batch, args.window)
   for name, times in step_times.items():
     rows[name].update(summarise(times, modes[name].refreshes,
                                 args.update_proj_gap))
+    rows[name]["faults"] = statistics.median(step_faults[name][1:] or
+                                             step_faults[name])
     print(name, {k: round(v, 3) for k, v in rows[name].items()
                  if v is not None}, flush=True)
   if args.times_json:
