@@ -18,6 +18,7 @@ LLaMA-7B).
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 import galore_optax
 from galore_optax import layerwise
@@ -55,11 +56,11 @@ def _abstract_params():
       p, ["attn", "mlp", "embed", "head"], group_size=64, min_size=1), params)
 
 
-def _temp_bytes() -> int:
+def _temp_bytes(fused: bool) -> int:
   tx = galore_optax.galore_adamw_8bit(
       1e-3, rank=RANK, target_modules=["attn", "mlp"], projector_dtype="int8")
   step = layerwise.make_layerwise_step(_loss, tx, row_chunks=ROW_CHUNKS,
-                                       weight_dtype=jnp.bfloat16)
+                                       weight_dtype=jnp.bfloat16, fused=fused)
   params = _abstract_params()
   args = (params, jax.eval_shape(step.init, params),
           jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32),
@@ -68,8 +69,11 @@ def _temp_bytes() -> int:
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_per_layer_step_temporaries_do_not_grow_with_depth():
-  temps = _temp_bytes()
+@pytest.mark.parametrize("fused", [False, True])
+def test_per_layer_step_temporaries_do_not_grow_with_depth(fused):
+  """The same bound with fused low-rank gradients (``fused=True``), whose
+  refresh and ordinary branches each hold one kernel's work."""
+  temps = _temp_bytes(fused)
   # One layer's update at a time: a few full-size float32 buffers of the
   # largest kernel (its gradient, its back-projected update, ...).
   one_layer = 4 * D * D * 4
