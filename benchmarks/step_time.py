@@ -308,7 +308,7 @@ def _minor_page_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _run_window(live: dict[str, list], step_times: dict[str, list[float]],
+def run_window(live: dict[str, list], step_times: dict[str, list[float]],
                 step_faults: dict[str, list[int]], batch: Any,
                 window: int) -> None:
   """Runs the first (refresh) step and ``window`` more of each live
@@ -503,10 +503,10 @@ def main(argv: list[str] | None = None) -> None:
     live[name] = [compiled, params, jax.jit(init)(params)]
     step_times[name], step_faults[name] = [], []
     if not args.interleave:  # one optimizer's window after another's
-      _run_window(live, step_times, step_faults, batch, args.window)
+      run_window(live, step_times, step_faults, batch, args.window)
       del live[name]
   if args.interleave:  # every optimizer's step i, then every step i + 1
-    _run_window(live, step_times, step_faults, batch, args.window)
+    run_window(live, step_times, step_faults, batch, args.window)
   for name, times in step_times.items():
     rows[name].update(summarise(times, modes[name].refreshes,
                                 args.update_proj_gap))
