@@ -13,7 +13,8 @@ update, apply; parameters and state donated) per optimizer or mode:
   with and without ``stagger_refresh`` (ordinary steps);
 * ``galore_adamw`` (exact SVD) per-layer and per-layer fused;
 * ``apollo_adamw`` (random projection at the table's rank, per-channel scaling)
-  and ``apollo_mini`` (rank 1, per-matrix scaling), issue 24's SVD-free peers.
+  and ``apollo_mini`` (rank 1, per-matrix scaling), issue 24's SVD-free peers,
+  and ``fira_adamw`` (exact SVD, plus the norm-limited residual).
 
 "Per-layer" is ``galore_optax.layerwise.make_layerwise_step``: each leaf is
 updated inside the backward pass (the model's products go through
@@ -157,6 +158,8 @@ def optimizers(rank: int, gap: int, params: Any) -> dict[str, Mode]:
       lr, rank=rank, update_proj_gap=gap, target_modules=TARGETS)
   apollo_mini = lambda: galore_optax.apollo_mini(
       lr, update_proj_gap=gap, target_modules=TARGETS)
+  fira = lambda: galore_optax.fira_adamw(
+      lr, rank=rank, update_proj_gap=gap, target_modules=TARGETS)
   return {
       "optax.adamw": Mode(adamw, refreshes=NO_REFRESH),
       "optax.adamw per-layer": Mode(adamw, per_layer=True,
@@ -173,6 +176,7 @@ def optimizers(rank: int, gap: int, params: Any) -> dict[str, Mode]:
                                            fused=True),
       "apollo_adamw": Mode(apollo),
       "apollo_mini": Mode(apollo_mini),
+      "fira_adamw": Mode(fira),
   }
 
 
