@@ -5,9 +5,9 @@ input. The backward pass is a reverse loop that recomputes layer ``l`` from
 its saved input and runs ``call_layer``'s backward pass on it, updating layer
 ``l``'s slices of the ``per_layer`` leaves and of their packed states in
 place (the loop carries the whole stacks), so only one layer's gradients
-exist at a time. Gradients
-of the other inputs (leaves not in ``per_layer``, arrays ``f`` closes over)
-are accumulated over the layers as in an ordinary scan.
+exist at a time. Gradients of the other inputs (leaves not in ``per_layer``,
+arrays ``f`` closes over) are accumulated over the layers as in an ordinary
+scan.
 """
 
 from __future__ import annotations
