@@ -24,10 +24,7 @@ the randomized projector captures, ``|project(G)|^2``, relative to the exact
 top-r subspace's (minimum over the matrices, warm and cold). The raw LAPACK
 SVD of one tall gradient and of its transpose are timed the same way, to
 show which orientation is the cheap one. Timings on a loaded machine are
-noisy; the interleaving and medians keep the ratios fair. There, also set
-``OPENBLAS_NUM_THREADS=1``: LAPACK's threads (the exact SVD's) spin-wait for
-one another when a core is busy, which made the exact SVD up to 10x slower
-(a 57 s "tall" SVD in issue #26 was this) and the speed-up look larger.
+noisy; the interleaving and medians keep the ratios fair.
 
 Run from the repository root: python -m benchmarks.refresh_speed
 """

@@ -299,7 +299,7 @@ def _inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
   is not numerically positive definite: JAX's lowering).
 
   Applying the inverse by a product is faster on XLA:CPU than a triangular
-  solve with the long block (LAPACK's trsm runs on one thread, in
+  solve with the tall block (LAPACK's trsm runs on one thread, in
   column-major layout, with copies either side).
   """
   lower = jnp.linalg.cholesky(gram)
@@ -309,31 +309,29 @@ def _inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
                                          lower=True)
 
 
+def _cholesky_qr(y: jax.Array, dead: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One CholeskyQR pass, ``y L^-T`` with ``L L^T = y^T y``, and ``y^T y``.
+
+  A Gram matrix, a small Cholesky factorisation and a product instead of a
+  Householder QR (a LAPACK call that took 4x as long on XLA:CPU for a
+  2048 x 520 block with one LAPACK thread, 17x with two on a loaded
+  machine). The result is orthonormal to about
+  ``eps * cond(y)**2``, and NaN where ``y^T y`` is not numerically positive
+  definite. Dead (zero) columns, marked 1.0 in ``dead``, stay zero.
+  """
+  gram = _contract("...mk,...ml->...kl", y, y)
+  factor = _inverse_cholesky_factor(gram + _diagonal(dead))
+  return _contract("...mk,...lk->...ml", y, factor), gram
+
+
 def _diagonal(d: jax.Array) -> jax.Array:
   """``(*batch, k)`` -> ``(*batch, k, k)`` diagonal matrices."""
   return d[..., None] * jnp.eye(d.shape[-1], dtype=d.dtype)
 
 
-def _cholesky_qr(rows: jax.Array,
-                 dead: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """One CholeskyQR pass on ``(*batch, k, m)`` rows: ``L^-1 rows`` with
-  ``L L^T = rows rows^T``, and ``rows rows^T``.
-
-  A Gram matrix, a small Cholesky factorisation and a product instead of a
-  Householder QR (a LAPACK call that took 4x as long on XLA:CPU for a
-  2048 x 520 block with one LAPACK thread, 17x with two on a loaded
-  machine). The result is orthonormal to about ``eps * cond(rows)**2``,
-  and NaN where the Gram matrix is not numerically positive definite. Dead
-  (zero) rows, marked 1.0 in ``dead``, stay zero.
-  """
-  gram = _contract("...km,...lm->...kl", rows, rows)
-  factor = _inverse_cholesky_factor(gram + _diagonal(dead))
-  return _contract("...kl,...lm->...km", factor, rows), gram
-
-
-def _row_norms(x: jax.Array) -> jax.Array:
-  """The Euclidean norms of ``x``'s rows, ``(*batch, k)``."""
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))
+def _column_norms(x: jax.Array) -> jax.Array:
+  """The Euclidean norms of ``x``'s columns, ``(*batch, k)``."""
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=-2))
 
 
 def _starting_block(prev: jax.Array,
@@ -342,58 +340,56 @@ def _starting_block(prev: jax.Array,
   outside its span.
 
   Args:
-    prev: ``(*batch, r, m)`` previous basis (rows), orthonormal up to its
-      storage (float32, bfloat16 or int8) rounding.
-    sketch: ``(*batch, p, m)`` random samples of the matrix's range.
+    prev: ``(*batch, m, r)`` previous basis, orthonormal up to its storage
+      (float32, bfloat16 or int8) rounding.
+    sketch: ``(*batch, m, p)`` random samples of the matrix's range.
 
   Returns:
-    ``(*batch, r + p, m)``: ``prev``, then orthonormal rows orthogonal to it
-    spanning the rest of the sketch's span, and zero (dead) rows for its
-    dimensions already in ``prev``'s span; and the ``(*batch, r + p)``
-    float32 mask of the dead rows.
+    ``(*batch, m, r + p)``: ``prev``, then orthonormal columns orthogonal
+    to it spanning the rest of the sketch's span, and zero (dead) columns
+    for its dimensions already in ``prev``'s span; and the
+    ``(*batch, r + p)`` float32 mask of the dead columns.
   """
-  live_prev = jnp.zeros(prev.shape[:-1], jnp.float32)
-  if not sketch.shape[-2]:
+  live_prev = jnp.zeros(prev.shape[:-2] + prev.shape[-1:], jnp.float32)
+  if not sketch.shape[-1]:
     return prev, live_prev
-  rest, norms = sketch, [_row_norms(sketch)]
+  rest, norms = sketch, [_column_norms(sketch)]
   for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to rounding
-    rest -= _contract("...pr,...rm->...pm",
-                      _contract("...pm,...rm->...pr", rest, prev), prev)
-    norms.append(_row_norms(rest))
-  # A row that the second pass shrinks by more than 16x was in prev's span
-  # already: what is left is rounding noise, not orthogonal to it.
-  rest *= (norms[2] >= norms[1] / 16)[..., None]
+    rest -= _contract("...mr,...rp->...mp", prev,
+                      _contract("...mr,...mp->...rp", prev, rest))
+    norms.append(_column_norms(rest))
+  # A column that the second pass shrinks by more than 16x was in prev's
+  # span already: what is left is rounding noise, not orthogonal to it.
+  rest *= (norms[2] >= norms[1] / 16)[..., None, :]
   # The rest's span by the eigenvectors of its p x p Gram matrix, keeping
-  # those above 2**-10 of the largest eigenvalue (the others are rounding
-  # noise or too inaccurate: their directions are orthogonal only to about
-  # eps times that ratio), then made orthonormal to rounding.
-  lengths, vectors = jnp.linalg.eigh(_contract("...pm,...qm->...pq", rest,
+  # those above 2**-10 of the largest eigenvalue (the others are
+  # rounding noise or too inaccurate: their directions are orthogonal only
+  # to about eps times that ratio).
+  lengths, vectors = jnp.linalg.eigh(_contract("...mp,...mq->...pq", rest,
                                                rest))
   live = lengths > 2.0**-10 * lengths[..., -1:]
   scale = jnp.where(live, jax.lax.rsqrt(jnp.where(live, lengths, 1)), 0)
-  rest = _contract("...pq,...pm->...qm", vectors, rest) * scale[..., None]
+  rest = _contract("...mp,...pq->...mq", rest, vectors) * scale[..., None, :]
   rest, _ = _cholesky_qr(rest, (~live).astype(jnp.float32))
-  return (jnp.concatenate([prev, rest], axis=-2),
+  return (jnp.concatenate([prev, rest], axis=-1),
           jnp.concatenate([live_prev, (~live).astype(jnp.float32)], axis=-1))
 
 
-def _rayleigh_ritz(g: jax.Array, q: jax.Array, dead: jax.Array, count: int
+def _rayleigh_ritz(g: jax.Array, q: jax.Array, dead: jax.Array
                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The top ``count`` Ritz pairs of ``g g^T`` on the span of ``q``'s rows.
+  """The Ritz pairs of ``g g^T`` on the span of ``q``.
 
   Args:
     g: ``(*batch, m, n)`` float32 matrices.
-    q: ``(*batch, k, m)`` orthonormal or dead (zero) rows.
-    dead: ``(*batch, k)``: 1.0 for ``q``'s dead rows, 0.0 otherwise.
-    count: number of pairs, at most ``k``.
+    q: ``(*batch, m, k)`` orthonormal or dead (zero) columns.
+    dead: ``(*batch, k)``: 1.0 for ``q``'s dead columns, 0.0 otherwise.
 
   Returns:
-    The Ritz vectors as rows ``(*batch, count, m)``, orthonormal as ``q``'s
-    are, by decreasing captured energy: the first ``j`` span the best
-    j-dimensional subspace of ``q``'s span; their values
-    ``(*batch, count)``; ``g^T`` times them, as rows ``(*batch, count,
-    n)``; and their dead mask (the dead pairs come last, their vectors
-    zero).
+    The Ritz vectors ``(*batch, m, k)``, orthonormal as ``q`` is, by
+    decreasing captured energy: the first ``j`` span the best
+    j-dimensional subspace of ``q``'s span; their values ``(*batch, k)``;
+    ``g^T`` times them, ``(*batch, n, k)``; and the dead mask of the
+    result (the dead columns come last and stay zero).
   """
   # The left singular vectors of B = Q^T G, which order and rotate the
   # block's directions, are the eigenvectors of the k x k Gram matrix
@@ -401,24 +397,22 @@ def _rayleigh_ritz(g: jax.Array, q: jax.Array, dead: jax.Array, count: int
   # (which also computes B's right vectors); squaring only blurs the order
   # of directions below ~3e-4 of the top singular value, whose energy share
   # is negligible.
-  b = _contract("...km,...mn->...kn", q, g)
-  gram = _contract("...kn,...ln->...kl", b, b)
-  # Dead rows get an eigenvalue below every live one (rounding puts none of
-  # those below -trace): the last Ritz vectors, which no other uses.
+  b_t = _contract("...mn,...mk->...nk", g, q)  # B^T
+  gram = _contract("...nk,...nl->...kl", b_t, b_t)
+  # Dead columns get an eigenvalue below every live one (rounding puts none
+  # of those below -trace): the last Ritz vectors, which no other uses.
   trace = jnp.trace(gram, axis1=-2, axis2=-1)[..., None]
   values, vectors = jnp.linalg.eigh(gram - _diagonal(dead * (trace + 1)))
-  dead = jnp.sort(dead, axis=-1)[..., :count]
-  # eigh sorts ascending.
-  vectors = vectors[..., :, ::-1][..., :count] * (1 - dead[..., None, :])
-  return (_contract("...kj,...km->...jm", vectors, q),
-          values[..., ::-1][..., :count],
-          _contract("...kj,...kn->...jn", vectors, b), dead)
+  dead = jnp.sort(dead, axis=-1)
+  vectors = vectors[..., :, ::-1] * (1 - dead[..., None, :])  # descending
+  return (_contract("...mk,...kj->...mj", q, vectors), values[..., ::-1],
+          _contract("...nk,...kj->...nj", b_t, vectors), dead)
 
 
 def _orthonormalize(y: jax.Array, dead: jax.Array,
                     fallback: jax.Array) -> jax.Array:
-  """Orthonormal rows spanning ``y``'s, in their order (dead ones stay
-  zero); ``fallback``'s rows for matrices whose ``y`` is too
+  """Orthonormal columns spanning ``y``'s, in their order (dead ones stay
+  zero); ``fallback``'s columns for matrices whose ``y`` is too
   ill-conditioned.
 
   One CholeskyQR pass, whose result's Gram matrix certifies it (within
@@ -433,14 +427,14 @@ def _orthonormalize(y: jax.Array, dead: jax.Array,
     factorization on a large-scale parallel system", ScalA 2014.
   """
   q, _ = _cholesky_qr(y, dead)
-  gram = _contract("...km,...lm->...kl", q, q)
+  gram = _contract("...mk,...ml->...kl", q, q)
   deviation = gram - _diagonal(1 - dead)
   # NaN (a failed factorisation) compares false.
   certified = jnp.max(jnp.abs(deviation), axis=(-2, -1)) <= 2.0**-16
 
   def second_pass() -> jax.Array:
-    again = _contract("...kl,...lm->...km",
-                      _inverse_cholesky_factor(gram + _diagonal(dead)), q)
+    again = _contract("...mk,...lk->...ml", q,
+                      _inverse_cholesky_factor(gram + _diagonal(dead)))
     usable = (jnp.sum(jnp.square(deviation), axis=(-2, -1)) <= 0.25) & jnp.all(
         jnp.isfinite(again), axis=(-2, -1))
     return jnp.where((certified | usable)[..., None, None],
@@ -451,20 +445,20 @@ def _orthonormalize(y: jax.Array, dead: jax.Array,
 
 def _power_step(g: jax.Array, ritz: jax.Array, values: jax.Array,
                 g_t_ritz: jax.Array, dead: jax.Array) -> jax.Array:
-  """Orthonormal rows ``G G^T x`` for the Ritz pairs ``(x, value)`` (rows),
-  in their order (dead ones stay zero); the Ritz vectors themselves where
+  """Orthonormal columns ``G G^T x`` for the Ritz pairs ``(x, value)``, in
+  their order (dead ones stay zero); the Ritz vectors themselves where
   those cannot be orthonormalised.
 
   Each ``G G^T x / value`` is ``x`` plus its residual over its value: unit
-  vectors, nearly orthogonal once the block has converged, so CholeskyQR
+  columns, nearly orthogonal once the block has converged, so CholeskyQR
   orthonormalises them. Where a value is below ``2**-20`` (1e-6) of the
   largest, ``G^T x`` is mostly rounding noise (or ``x`` is outside ``G``'s
   range) and ``x`` itself is kept.
   """
   reliable = values > 2.0**-20 * values[..., :1]
-  stepped = _contract("...jn,...mn->...jm", g_t_ritz, g) / jnp.where(
-      reliable, values, 1)[..., None]
-  return _orthonormalize(jnp.where(reliable[..., None], stepped, ritz),
+  stepped = _contract("...mn,...nk->...mk", g, g_t_ritz) / jnp.where(
+      reliable, values, 1)[..., None, :]
+  return _orthonormalize(jnp.where(reliable[..., None, :], stepped, ritz),
                          dead, ritz)
 
 
@@ -472,15 +466,11 @@ def _top_left_subspace(g: jax.Array, prev: jax.Array, sketch: jax.Array,
                        rank: int, n_iter: int) -> tuple[jax.Array, jax.Array]:
   """Top-``rank`` left singular vectors of ``g`` by subspace iteration.
 
-  Bases are rows (``(*batch, k, m)``) throughout: on XLA:CPU, products of a
-  large matrix with a thin block ran 10-30% faster with the thin dimension
-  first in their result.
-
   Args:
     g: ``(*batch, m, n)`` float32 matrices.
-    prev: ``(*batch, rank, m)`` previous basis as rows (the warm start).
-    sketch: ``(*batch, p, m)`` random samples of ``g``'s range as rows
-      (a test matrix times ``g^T``: the oversampling).
+    prev: ``(*batch, m, rank)`` previous basis (the warm start).
+    sketch: ``(*batch, m, p)`` random samples of ``g``'s range (``g``
+      times a test matrix: the oversampling columns).
     rank: number of singular vectors to return.
     n_iter: power iterations. Each is a Rayleigh-Ritz step (a product with
       ``g`` and a ``(rank + p)``-square eigendecomposition) and a power
@@ -489,22 +479,18 @@ def _top_left_subspace(g: jax.Array, prev: jax.Array, sketch: jax.Array,
       subspace of the start's span.
 
   Returns:
-    ``(*batch, rank, m)`` orthonormal rows, signs canonicalised (the
-    largest-magnitude entry of each is positive), and per matrix whether
-    they are finite (a factorisation failed otherwise).
+    ``(*batch, m, rank)`` orthonormal columns, signs canonicalised, and per
+    matrix whether they are finite (a factorisation failed otherwise).
   """
   q, dead = _starting_block(prev.astype(jnp.float32), sketch)
-  # The last step keeps the top rank Ritz pairs (the dead ones, at most p,
-  # come last); those before keep all of them (oversampling speeds up
-  # convergence).
-  for i in range(n_iter):
-    count = rank if i == n_iter - 1 else q.shape[-2]
-    ritz, values, g_t_ritz, dead = _rayleigh_ritz(g, q, dead, count)
+  for _ in range(n_iter):
+    ritz, values, g_t_ritz, dead = _rayleigh_ritz(g, q, dead)
     q = _power_step(g, ritz, values, g_t_ritz, dead)
   if n_iter == 0:
-    q = _rayleigh_ritz(g, q, dead, rank)[0]
-  return (jnp.swapaxes(canonicalize_column_signs(jnp.swapaxes(q, -1, -2)),
-                       -1, -2),
+    q = _rayleigh_ritz(g, q, dead)[0]
+  # The first rank columns: the dead ones (at most p) come last.
+  q = q[..., :rank]
+  return (canonicalize_column_signs(q),
           jnp.all(jnp.isfinite(q), axis=(-2, -1)))
 
 
@@ -554,25 +540,25 @@ def _randomized_factors(g: jax.Array, plan: LeafPlan, previous: Projector,
                         n_iter: int) -> tuple[Projector, jax.Array]:
   """Warm-started randomized range finder for each side in use."""
 
-  def side(mat, prev_rows, omega):
+  def side(mat, prev, omega):
     # One test matrix may serve every matrix of a batch.
     omega = jnp.broadcast_to(omega, (*plan.batch_shape, *omega.shape[-2:]))
     # The previous basis is a good start: gradients' top subspaces drift
     # slowly, so a few power iterations from it converge.
     return _top_left_subspace(
-        mat, prev_rows,
-        _gathered(_contract("...np,...mn->...pm", omega, mat)), plan.rank,
-        n_iter)
+        mat, prev, _gathered(_contract("...mn,...nk->...mk", mat, omega)),
+        plan.rank, n_iter)
 
   ok = jnp.ones(plan.batch_shape, bool)
   left = right = optax.MaskedNode()
   if plan.use_left:
-    rows, ok_left = side(g, jnp.swapaxes(previous.left, -1, -2), sketch.left)
-    left = jnp.swapaxes(rows, -1, -2)
+    left, ok_left = side(g, previous.left, sketch.left)
     ok &= ok_left
   if plan.use_right:
-    right, ok_right = side(jnp.swapaxes(g, -1, -2), previous.right,
-                           sketch.right)
+    right_t, ok_right = side(jnp.swapaxes(g, -1, -2),
+                             jnp.swapaxes(previous.right, -1, -2),
+                             sketch.right)
+    right = jnp.swapaxes(right_t, -1, -2)
     ok &= ok_right
   return Projector(left, right), ok
 
