@@ -121,6 +121,7 @@ class Mode:
     make_tx: builds the optimizer.
     per_layer: run it with ``layerwise.make_layerwise_step``.
     fused: ``make_layerwise_step(..., fused=True)``.
+    recompute: ``make_layerwise_step``'s ``recompute`` (per-layer only).
     refreshes: ``NO_REFRESH``, ``REFRESH_ALL`` (every projector at each
       multiple of the gap) or ``STAGGERED``.
     refresh_by_is_due: its refreshes are decided by
@@ -130,6 +131,7 @@ class Mode:
   make_tx: Callable[[], optax.GradientTransformation]
   per_layer: bool = False
   fused: bool = False
+  recompute: bool = True
   refreshes: str = REFRESH_ALL
   refresh_by_is_due: bool = True
 
@@ -164,6 +166,9 @@ def optimizers(rank: int, gap: int, params: Any) -> dict[str, Mode]:
       "optax.adamw": Mode(adamw, refreshes=NO_REFRESH),
       "optax.adamw per-layer": Mode(adamw, per_layer=True,
                                     refreshes=NO_REFRESH),
+      "optax.adamw per-layer kept": Mode(adamw, per_layer=True,
+                                         recompute=False,
+                                         refreshes=NO_REFRESH),
       "optax.contrib.galore": Mode(contrib, refresh_by_is_due=False),
       "galore_adamw svd": Mode(ours("svd")),
       "galore_adamw randomized": Mode(ours("randomized")),
@@ -174,6 +179,10 @@ def optimizers(rank: int, gap: int, params: Any) -> dict[str, Mode]:
       "galore_adamw per-layer": Mode(ours("svd"), per_layer=True),
       "galore_adamw per-layer fused": Mode(ours("svd"), per_layer=True,
                                            fused=True),
+      "galore_adamw per-layer kept": Mode(ours("svd"), per_layer=True,
+                                          recompute=False),
+      "galore_adamw per-layer fused kept": Mode(
+          ours("svd"), per_layer=True, fused=True, recompute=False),
       "apollo_adamw": Mode(apollo),
       "apollo_mini": Mode(apollo_mini),
       "fira_adamw": Mode(fira),
@@ -191,7 +200,7 @@ def make_step(mode: Mode, graphdef: Any) -> tuple[Callable[..., Any],
 
   if mode.per_layer:
     lw = layerwise.make_layerwise_step(loss_of, tx, fused=mode.fused,
-                                       jit=False)
+                                       recompute=mode.recompute, jit=False)
     return lw.step, lw.init
 
   def train_step(params, state, batch):

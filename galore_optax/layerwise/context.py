@@ -151,6 +151,9 @@ class LayerwiseContext:
     # rule waits for (the layer's output gradient, then the last kernel
     # update), so the layer's weight gradients exist one at a time.
     self.wait_for: Any = None
+    # Per call_layer layer run without recomputation, the leaves that its
+    # dense products update (found when its forward pass was traced).
+    self.dense_leaves: dict[LayerCall, frozenset[int]] = {}
 
   # -- finding the step's leaves ----------------------------------------------
 
@@ -198,6 +201,11 @@ class LayerwiseContext:
           "in the loss (e.g. tied embeddings); its update would be split. "
           "Use it in one place, or keep it in floating point.")
     self.reached.add(i)
+
+  @property
+  def recompute(self) -> bool:
+    """Whether ``call_layer`` layers are recomputed in the backward pass."""
+    return self.updater.options.recompute
 
   @property
   def inside_layer(self) -> bool:
@@ -380,6 +388,23 @@ class LayerwiseContext:
             "layerwise.dense and also used otherwise in its layer; its "
             "update would miss part of its gradient. Use it in one place.")
 
+  def layer_forward_saved(self, call: LayerCall, c: Any, others: list[Any],
+                          h_in: list[Any], cs: list[Any]
+                          ) -> tuple[Any, tuple[Any, ...]]:
+    """The layer's output and the residuals of ``layer_backward_saved``.
+
+    Without recomputation (``recompute=False``) the layer's backward
+    function is made here, in the forward pass, and kept (its residuals,
+    as an ordinary backward pass keeps them) until the output gradient
+    arrives.
+    """
+    by_dense: set[int] = set()
+    out, vjp = jax.vjp(functools.partial(self.layer_apply, call,
+                                         by_dense=by_dense), c, others,
+                       self.layer_weights(call, h_in, c), h_in, cs)
+    self.dense_leaves[call] = frozenset(by_dense)
+    return out, (vjp, h_in)
+
   def layer_backward(self, call: LayerCall, res: tuple[Any, ...],
                      ct: Any) -> tuple[Any, ...]:
     """The layer's backward pass: recompute it, update its leaves.
@@ -398,6 +423,30 @@ class LayerwiseContext:
     _, vjp = jax.vjp(functools.partial(self.layer_apply, call,
                                        by_dense=by_dense), c, others,
                      weights, h_in, cs)
+    return self.backprop_layer(call, vjp, h_in, by_dense, ct)
+
+  def layer_backward_saved(self, call: LayerCall, res: tuple[Any, ...],
+                           ct: Any) -> tuple[Any, ...]:
+    """``layer_backward`` from ``layer_forward_saved``'s residuals."""
+    vjp, h_in = res
+    return self.backprop_layer(call, vjp, h_in, self.dense_leaves[call], ct)
+
+  def backprop_layer(self, call: LayerCall, vjp: Callable[..., Any],
+                     h_in: list[Any], by_dense: set[int] | frozenset[int],
+                     ct: Any) -> tuple[Any, ...]:
+    """Runs a layer's backward function ``vjp`` and updates its leaves.
+
+    Args:
+      call: the layer.
+      vjp: the backward function of ``layer_apply`` at the layer's inputs.
+      h_in: the layer's leaves' (stored value, packed state, key data).
+      by_dense: the leaves that ``dense`` products update (in ``vjp``).
+      ct: the layer output's cotangent.
+
+    Returns:
+      Cotangents of the carry, the other parameters, the leaves (their new
+      values and states) and the consts.
+    """
     self.wait_for = ct
     ct_c, ct_others, ct_w, ct_h, ct_cs = vjp(ct)
     self.wait_for = None

@@ -32,6 +32,8 @@ class StepOptions:
     chunk_rules: ``(matcher, k)`` pairs from ``row_chunks``, in order.
     fused: make projected kernels' low-rank gradients in ``dense`` from the
       product's inputs between refreshes.
+    recompute: recompute each ``call_layer`` layer in its backward pass
+      (else keep its forward pass's residuals).
   """
 
   clip_norm: float | None
@@ -42,6 +44,7 @@ class StepOptions:
   is_per_layer: Callable[[str], bool]
   chunk_rules: tuple[tuple[Callable[[str], bool], int], ...]
   fused: bool = False
+  recompute: bool = True
 
   def row_chunks(self, name: str) -> int:
     """How many blocks of rows leaf ``name`` is updated in (1: whole).
@@ -64,6 +67,7 @@ def make_options(
     row_chunks: Mapping[str, int] | None,
     weight_dtype: Any,
     fused: bool = False,
+    recompute: bool = True,
 ) -> StepOptions:
   """Checks ``make_layerwise_step``'s options (see its docstring).
 
@@ -76,6 +80,7 @@ def make_options(
     row_chunks: ``{name: k}`` with positive ints ``k``, or None.
     weight_dtype: a floating dtype.
     fused: a bool.
+    recompute: a bool.
 
   Returns:
     The options.
@@ -100,5 +105,7 @@ def make_options(
   accumulate_dtype = check_float_dtype("accumulate_dtype", accumulate_dtype)
   weight_dtype = check_float_dtype("weight_dtype", weight_dtype)
   check_bool("fused", fused)
+  check_bool("recompute", recompute)
   return StepOptions(clip_norm, k, accumulate_dtype, weight_dtype,
-                     per_layer, is_per_layer, tuple(chunk_rules), fused)
+                     per_layer, is_per_layer, tuple(chunk_rules), fused,
+                     recompute)

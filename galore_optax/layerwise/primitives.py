@@ -74,10 +74,11 @@ def call_layer(f: Callable[..., Any], carry: Any, params: Any, *args: Any,
 
   Outside a layer-wise step this is ``f(carry, params, *args)`` (under
   ``jax.checkpoint`` if ``remat``). Inside a step from
-  ``make_layerwise_step`` the layer is always recomputed in the backward
-  pass (activation checkpointing), when its output gradient arrives, and
-  its weights are updated inside that backward pass in an order that lets
-  XLA reuse memory:
+  ``make_layerwise_step`` the layer is recomputed in the backward pass
+  (activation checkpointing; unless the step has ``recompute=False``, which
+  keeps the forward pass's residuals instead), when its output gradient
+  arrives, and its weights are updated inside that backward pass in an order
+  that lets XLA reuse memory:
 
   * a kernel that ``f`` multiplies through ``dense`` is updated inside that
     product's backward rule, one weight at a time: its gradient is made,
@@ -103,8 +104,8 @@ def call_layer(f: Callable[..., Any], carry: Any, params: Any, *args: Any,
     params: the layer's parameters (a tree of the step's parameter leaves,
       e.g. ``nnx.split(layer)[1]``).
     *args: other inputs of the layer (arrays or trees of arrays).
-    remat: outside a step, checkpoint ``f`` (inside one it is always
-      recomputed).
+    remat: outside a step, checkpoint ``f`` (inside one, the step's
+      ``recompute`` decides).
 
   Returns:
     ``f(carry, params, *args)``.
@@ -275,11 +276,15 @@ def _layer_update_fwd(ctx: Context, call: LayerCall,
                       c: Any, others: list[Any], h_in: list[Any],
                       cs: list[Any]) -> tuple[Any, tuple[Any, ...]]:
   ctx.check_layer(call, c, others, h_in, cs)
+  if not ctx.recompute:
+    return ctx.layer_forward_saved(call, c, others, h_in, cs)
   return _layer_update(ctx, call, c, others, h_in, cs), (c, others, h_in, cs)
 
 
 def _layer_update_bwd(ctx: Context, call: LayerCall,
                       res: tuple[Any, ...], ct: Any) -> tuple[Any, ...]:
+  if not ctx.recompute:
+    return ctx.layer_backward_saved(call, res, ct)
   return ctx.layer_backward(call, res, ct)
 
 

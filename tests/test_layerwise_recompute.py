@@ -1,0 +1,92 @@
+"""The per-layer step without recomputation (``recompute=False``).
+
+``call_layer`` layers then keep their forward pass's residuals for their
+backward pass, as an ordinary backward pass does, instead of recomputing
+the layer: the updates are the same, and the step's jaxpr has one forward
+product per kernel instead of two. The toy model is test_layerwise_fused's.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+import galore_optax as go
+from galore_optax import layerwise as lw
+from galore_optax import weight_quantization as wq
+
+from _layerwise_common import LR  # pylint: disable=g-bad-import-order
+from _layerwise_common import assert_close
+from _layerwise_common import run
+from test_layerwise_fused import BATCHES
+from test_layerwise_fused import D
+from test_layerwise_fused import F
+from test_layerwise_fused import MODELS
+from test_layerwise_fused import _assert_states_close
+from test_layerwise_fused import _galore
+from test_layerwise_fused import _loss
+from test_layerwise_fused import _params
+
+
+def _both(tx, params, loss=_loss, **kw):
+  """``(params, states, losses)`` with and without recomputation."""
+  results = []
+  for recompute in (True, False):
+    init, step = lw.make_layerwise_step(loss, tx, recompute=recompute,
+                                        donate=False, **kw)
+    results.append(run(step, params, jax.jit(init)(params), BATCHES))
+  return results
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("optimizer", ["galore_adamw", "adamw", "8bit"])
+def test_kept_residuals_give_the_recomputed_updates(optimizer, fused):
+  tx = {"galore_adamw": _galore(),
+        "adamw": go.galore_adamw(LR, rank=4, target_modules=None,
+                                 weight_decay=0.1),
+        "8bit": go.galore_adamw_8bit(LR, rank=4, update_proj_gap=2,
+                                     target_modules=["up", "down", "head"],
+                                     min_size=64)}[optimizer]
+  (p0, s0, l0), (p1, s1, l1) = _both(tx, _params(), fused=fused)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  assert_close(p0, p1, eight_bit=optimizer == "8bit")
+  if optimizer != "8bit":
+    _assert_states_close(s0, s1)
+
+
+def test_kept_residuals_with_int8_weights_and_clipping():
+  params = _params()
+  params = dict(params, layers=[dict(p, up=wq.quantize_weight(p["up"]))
+                                for p in params["layers"]])
+  (p0, s0, l0), (p1, s1, l1) = _both(_galore("reverse_std"), params,
+                                     clip_norm=0.5, fused=True)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  assert_close(p0, p1)
+  _assert_states_close(s0, s1)
+
+
+def test_scanned_layers_are_recomputed_either_way():
+  loss, layout, kw = MODELS["scanned"]
+  (p0, _, l0), (p1, _, l1) = _both(_galore(), layout(_params()), loss=loss,
+                                   **kw)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  assert_close(p0, p1)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_recomputation_doubles_the_layers_forward_products(recompute):
+  params = _params()
+  init, step = lw.make_layerwise_step(_loss, _galore(), recompute=recompute,
+                                      donate=False)
+  text = step.lower(params, init(params), BATCHES[0]).as_text()
+  # The layers' "up" products (batch 4, 8 tokens): once per layer, and once
+  # more per layer when recomputed.
+  up = (f"(tensor<4x8x{D}xf32>, tensor<{D}x{F}xf32>) -> "
+        f"tensor<4x8x{F}xf32>")
+  forward = [line for line in text.splitlines()
+             if "dot_general" in line and up in line]
+  assert len(forward) == (4 if recompute else 2)
+
+
+def test_recompute_must_be_a_bool():
+  with pytest.raises(ValueError, match="recompute"):
+    lw.make_layerwise_step(_loss, _galore(), recompute="no")
