@@ -7,6 +7,7 @@ cotangent: packing must be a bit-cast that keeps every bit pattern.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from galore_optax import layerwise as lw
@@ -119,3 +120,35 @@ def test_pack_state_keeps_structure():
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)
+
+
+def test_pack_leaves_keeps_only_the_arrays():
+  """A unit's state holds a masked node per other parameter: only its
+  arrays are stored, in ``jax.tree.leaves`` order, and come back bit for
+  bit in the spec's structure."""
+  masked = {f"other{i}": optax.MaskedNode() for i in range(50)}
+  state = packing.LeafState(
+      {"mu": dict(masked, w=jnp.arange(6.0).reshape(2, 3)),
+       "count": jnp.asarray(7, jnp.int32), "codes": jnp.arange(5, dtype=jnp.int8)},
+      optax.MaskedNode(), optax.MaskedNode())
+  packed = lw.pack_leaves(state)
+  assert isinstance(packed, tuple) and len(packed) == 3
+  assert all(jnp.issubdtype(x.dtype, jnp.floating) for x in packed)
+  back = lw.unpack_leaves(packed, jax.eval_shape(lambda: state))
+  assert jax.tree.structure(back) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+
+
+def test_step_state_is_flat():
+  """The step's state has a few nodes per parameter leaf, however many
+  parameters each unit's optax state masks (it is unflattened in Python
+  after every step)."""
+  params = {f"w{i}": jnp.ones((4, 4)) for i in range(30)}
+  loss = lambda p, x: sum(jnp.sum(x @ w) for w in p.values())
+  init, _ = lw.make_layerwise_step(loss, optax.adamw(1e-3))
+  state = init(params)
+  arrays = len(jax.tree.leaves(state))
+  assert arrays == 30 * 3  # count, mu, nu
+  assert jax.tree.structure(state).num_nodes <= arrays + 30 + 3

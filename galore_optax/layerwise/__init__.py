@@ -26,8 +26,11 @@ be floating point, so each leaf's state is stored *packed*: floating leaves
 as they are, 32-bit integers bit-cast to float32, 16-bit ones to float16,
 8-bit codes (8-bit moments and projectors) four to a float32 along the last
 axis. Packing is a bit-cast, never arithmetic, so every bit pattern survives
-(NaN payloads included; tested). ``LayerwiseStep.unpack_state`` gives the
-ordinary optax states back.
+(NaN payloads included; tested), and only its arrays are kept, as a flat
+tuple (``pack_leaves``): the tree's structure, as large as the parameter
+tree's, is static (unflattening 22,575 nodes after every LLaMA-60M step
+cost 0.3 s of Python). ``LayerwiseStep.unpack_state`` gives the ordinary
+optax states back.
 
 What the step supports:
 
@@ -144,7 +147,9 @@ References:
 from galore_optax.layerwise.options import PerLayerSpec
 from galore_optax.layerwise.packing import LayerwiseState
 from galore_optax.layerwise.packing import LeafState
+from galore_optax.layerwise.packing import pack_leaves
 from galore_optax.layerwise.packing import pack_state
+from galore_optax.layerwise.packing import unpack_leaves
 from galore_optax.layerwise.packing import unpack_state
 from galore_optax.layerwise.primitives import call_layer
 from galore_optax.layerwise.primitives import dense
@@ -164,7 +169,9 @@ __all__ = (
     "dense",
     "embedding_lookup",
     "make_layerwise_step",
+    "pack_leaves",
     "pack_state",
     "scan_layers",
+    "unpack_leaves",
     "unpack_state",
 )

@@ -41,9 +41,10 @@ class LayerwiseState(NamedTuple):
 
   Attributes:
     leaves: a dict from each parameter leaf's dotted name (see
-      ``galore_optax.path_to_name``) to its packed ``LeafState`` (every
-      array floating point; ``per_layer`` leaves carry a leading layer axis
-      on every array). Use ``LayerwiseStep.unpack_state`` to read it.
+      ``galore_optax.path_to_name``) to its packed ``LeafState`` as a flat
+      tuple of arrays (``pack_leaves``: every array floating point;
+      ``per_layer`` leaves carry a leading layer axis on every array). Use
+      ``LayerwiseStep.unpack_state`` to read it.
   """
 
   leaves: dict[str, Any]
@@ -139,6 +140,41 @@ def pack_state(state: Any) -> Any:
     The same tree with floating-point leaves.
   """
   return jax.tree.map(pack_array, state)
+
+
+def pack_leaves(state: Any) -> tuple[jax.Array, ...]:
+  """``pack_state``'s arrays as a flat tuple, in ``jax.tree.leaves`` order.
+
+  A unit's optimizer state is ``tx``'s state of a tree holding that unit
+  only: every other parameter is a masked node inside it, so a state tree
+  per leaf has as many nodes as the whole parameter tree (LLaMA-60M: 300
+  per leaf, 22,575 for the step's state, unflattened in Python after every
+  step). Its structure is known (``Layout.specs``), so only its arrays are
+  stored.
+
+  Args:
+    state: as for ``pack_state``.
+
+  Returns:
+    The packed arrays.
+  """
+  return tuple(jax.tree.leaves(pack_state(state)))
+
+
+def unpack_leaves(packed: Any, spec: Any, after: Any = None) -> Any:
+  """Inverse of ``pack_leaves``.
+
+  Args:
+    packed: ``pack_leaves``' arrays.
+    spec: the unpacked tree's shapes and dtypes.
+    after: as for ``unpack_array``.
+
+  Returns:
+    The original tree, bit for bit.
+  """
+  specs, treedef = jax.tree.flatten(spec)
+  return treedef.unflatten([unpack_array(y, s, after)
+                            for y, s in zip(packed, specs, strict=True)])
 
 
 def unpack_state(packed: Any, spec: Any) -> Any:

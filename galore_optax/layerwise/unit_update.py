@@ -146,7 +146,7 @@ class UnitUpdater:
       The packed ``LeafState``.
     """
     p = self.leaf_value(i, stored)
-    fn = lambda x: packing.pack_state(self.init_unit(i, x))
+    fn = lambda x: packing.pack_leaves(self.init_unit(i, x))
     if self.layout.per_layer[i]:
       return jax.vmap(fn)(p)
     nk = self.layout.chunks[i]
@@ -158,8 +158,8 @@ class UnitUpdater:
     """Leaf ``i``'s packed state -> its unpacked ``LeafState``."""
     spec = self.layout.specs[i]
     if self.layout.per_layer[i] or self.layout.chunks[i] > 1:
-      return jax.vmap(lambda s: packing.unpack_state(s, spec))(packed)
-    return packing.unpack_state(packed, spec)
+      return jax.vmap(lambda s: packing.unpack_leaves(s, spec))(packed)
+    return packing.unpack_leaves(packed, spec)
 
   def run_tx(self, i: int, g: jax.Array | Supply, opt_state: Any,
              value: jax.Array) -> tuple[Any, Any]:
@@ -289,10 +289,9 @@ class UnitUpdater:
                     key: Any = None) -> tuple[Any, Any]:
     """``update_unit`` on a packed state; integer state waits for ``g``."""
     zero = ordering.zero_after(g.ready if isinstance(g, Supply) else g)
-    st = jax.tree.map(lambda y, spec: packing.unpack_array(y, spec, zero),
-                      packed, self.layout.specs[i])
+    st = packing.unpack_leaves(packed, self.layout.specs[i], zero)
     new_p, new_st = self.update_unit(i, g, p, st, key)
-    return new_p, packing.pack_state(new_st)
+    return new_p, packing.pack_leaves(new_st)
 
   def update_leaf(self, i: int, g: Gradient, p: Any, packed: Any,
                   key: Any = None) -> tuple[Any, Any]:
