@@ -6,12 +6,13 @@ default 1 x 256 as in BENCHMARKS.md, and 8 x 256 or 4 x 256 are the sizes
 people train with) and one jitted train step (forward, backward, optimizer
 update, apply; parameters and state donated) per optimizer or mode:
 
-* ``optax.adamw``, ordinary and per-layer;
+* ``optax.adamw``, ordinary, per-layer and per-layer "kept";
 * ``optax.contrib.galore`` on the attention and MLP matrices (AdamW on the
   rest), the in-ecosystem peer;
 * ``galore_adamw`` with the exact SVD and with the randomized method, each
   with and without ``stagger_refresh`` (ordinary steps);
-* ``galore_adamw`` (exact SVD) per-layer and per-layer fused;
+* ``galore_adamw`` (exact SVD) per-layer, per-layer fused and both
+  "kept";
 * ``apollo_adamw`` (random projection at the table's rank, per-channel scaling)
   and ``apollo_mini`` (rank 1, per-matrix scaling), issue 24's SVD-free peers,
   and ``fira_adamw`` (exact SVD, plus the norm-limited residual).
@@ -20,7 +21,9 @@ update, apply; parameters and state donated) per optimizer or mode:
 updated inside the backward pass (the model's products go through
 ``layerwise.dense``, its layers through ``layerwise.call_layer``); "fused"
 (``fused=True``) makes, between refreshes, each projected kernel's low-rank
-gradient from the product's inputs without its ``m x n`` gradient. All
+gradient from the product's inputs without its ``m x n`` gradient; "kept"
+(``recompute=False``) keeps each layer's forward residuals instead of
+recomputing the layer in the backward pass. All
 GaLore runs share rank, gap and targets (attention + MLP); no run clips
 gradients.
 
