@@ -156,10 +156,53 @@ def check_layerwise():
       compare("layerwise-" + name, axis_type, mesh, specs, single, sharded)
 
 
+def loss_layers(p, x):
+  """Unrolled layers through ``call_layer`` and ``dense``."""
+
+  def layer(h, w):
+    return replicated(jnp.tanh(lw.dense(h, w)))
+
+  h = x
+  for k in sorted(p):
+    h = lw.call_layer(layer, h, p[k])
+  return jnp.mean((h - x) ** 2)
+
+
+def check_layerwise_layers():
+  """Unrolled sharded layers, fused and with kept residuals
+  (``recompute=False``), over their kernels' column axis."""
+  x = _rng.standard_normal((16, 8)).astype(np.float32)
+  specs = {"l0": P(None, AB), "l1": P(None, "a"), "l2": P(None, "b")}
+  params = {k: (_rng.standard_normal((8, 8)) * 0.3).astype(np.float32)
+            for k in specs}
+  tx = galore_optax.galore_adamw(1e-2, rank=4, update_proj_gap=2)
+
+  def run_layers(place):
+    init, step = lw.make_layerwise_step(loss_layers, tx, fused=True,
+                                        recompute=False, jit=False)
+    p = place(params)
+    # Under Auto axes the compiler picks the outputs' shardings (here it
+    # moved one kernel to both mesh axes) unless told: keep the parameters'.
+    shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), p)
+    step = jax.jit(step, donate_argnums=(0, 1), compiler_options=FAST,
+                   out_shardings=(shardings, None, None))
+    state = init(p)
+    for _ in range(3):
+      p, state, _ = step(p, state, x)
+    return p
+
+  single = run_layers(lambda tree: tree)
+  for axis_type, mesh in meshes():
+    with jax.set_mesh(mesh):
+      sharded = run_layers(placer(mesh, specs))
+    compare("layerwise-layers-kept", axis_type, mesh, specs, single, sharded)
+
+
 def main():
   assert jax.device_count() == 8
   check_optimizers()
   check_layerwise()
+  check_layerwise_layers()
 
 
 if __name__ == "__main__":
