@@ -29,6 +29,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 import functools
 from typing import Any, NamedTuple
 
@@ -309,19 +310,21 @@ def _inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
                                          lower=True)
 
 
-def _cholesky_qr(y: jax.Array, dead: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """One CholeskyQR pass, ``y L^-T`` with ``L L^T = y^T y``, and ``y^T y``.
+def _cholesky_qr(rows: jax.Array,
+                 dead: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One CholeskyQR pass on ``(*batch, k, m)`` rows: ``L^-1 rows`` with
+  ``L L^T = rows rows^T``, and ``rows rows^T``.
 
   A Gram matrix, a small Cholesky factorisation and a product instead of a
   Householder QR (a LAPACK call that took 4x as long on XLA:CPU for a
   2048 x 520 block with one LAPACK thread, 17x with two on a loaded
-  machine). The result is orthonormal to about
-  ``eps * cond(y)**2``, and NaN where ``y^T y`` is not numerically positive
-  definite. Dead (zero) columns, marked 1.0 in ``dead``, stay zero.
+  machine). The result is orthonormal to about ``eps * cond(rows)**2``,
+  and NaN where the Gram matrix is not numerically positive definite. Dead
+  (zero) rows, marked 1.0 in ``dead``, stay zero.
   """
-  gram = _contract("...mk,...ml->...kl", y, y)
+  gram = _contract("...km,...lm->...kl", rows, rows)
   factor = _inverse_cholesky_factor(gram + _diagonal(dead))
-  return _contract("...mk,...lk->...ml", y, factor), gram
+  return _contract("...kl,...lm->...km", factor, rows), gram
 
 
 def _diagonal(d: jax.Array) -> jax.Array:
@@ -329,90 +332,119 @@ def _diagonal(d: jax.Array) -> jax.Array:
   return d[..., None] * jnp.eye(d.shape[-1], dtype=d.dtype)
 
 
-def _column_norms(x: jax.Array) -> jax.Array:
-  """The Euclidean norms of ``x``'s columns, ``(*batch, k)``."""
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=-2))
+def _row_norms(x: jax.Array) -> jax.Array:
+  """The Euclidean norms of ``x``'s rows, ``(*batch, k)``."""
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))
 
 
 def _starting_block(prev: jax.Array,
                     sketch: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The randomized method's starting block: ``prev`` and the sketch's part
-  outside its span.
+  outside its span, as rows.
 
   Args:
-    prev: ``(*batch, m, r)`` previous basis, orthonormal up to its storage
-      (float32, bfloat16 or int8) rounding.
-    sketch: ``(*batch, m, p)`` random samples of the matrix's range.
+    prev: ``(*batch, r, m)`` previous basis (rows), orthonormal up to its
+      storage (float32, bfloat16 or int8) rounding.
+    sketch: ``(*batch, p, m)`` random samples of the matrix's range (rows).
 
   Returns:
-    ``(*batch, m, r + p)``: ``prev``, then orthonormal columns orthogonal
-    to it spanning the rest of the sketch's span, and zero (dead) columns
-    for its dimensions already in ``prev``'s span; and the
-    ``(*batch, r + p)`` float32 mask of the dead columns.
+    ``(*batch, r + p, m)``: ``prev``, then orthonormal rows orthogonal to it
+    spanning the rest of the sketch's span, and zero (dead) rows for its
+    dimensions already in ``prev``'s span; and the ``(*batch, r + p)``
+    float32 mask of the dead rows.
   """
-  live_prev = jnp.zeros(prev.shape[:-2] + prev.shape[-1:], jnp.float32)
-  if not sketch.shape[-1]:
+  live_prev = jnp.zeros(prev.shape[:-1], jnp.float32)
+  if not sketch.shape[-2]:
     return prev, live_prev
-  rest, norms = sketch, [_column_norms(sketch)]
+  rest, norms = sketch, [_row_norms(sketch)]
   for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to rounding
-    rest -= _contract("...mr,...rp->...mp", prev,
-                      _contract("...mr,...mp->...rp", prev, rest))
-    norms.append(_column_norms(rest))
-  # A column that the second pass shrinks by more than 16x was in prev's
-  # span already: what is left is rounding noise, not orthogonal to it.
-  rest *= (norms[2] >= norms[1] / 16)[..., None, :]
+    rest -= _contract("...pr,...rm->...pm",
+                      _contract("...pm,...rm->...pr", rest, prev), prev)
+    norms.append(_row_norms(rest))
+  # A row that the second pass shrinks by more than 16x was in prev's span
+  # already: what is left is rounding noise, not orthogonal to it.
+  rest *= (norms[2] >= norms[1] / 16)[..., None]
   # The rest's span by the eigenvectors of its p x p Gram matrix, keeping
-  # those above 2**-10 of the largest eigenvalue (the others are
-  # rounding noise or too inaccurate: their directions are orthogonal only
-  # to about eps times that ratio).
-  lengths, vectors = jnp.linalg.eigh(_contract("...mp,...mq->...pq", rest,
+  # those above 2**-10 of the largest eigenvalue (the others are rounding
+  # noise or too inaccurate: their directions are orthogonal only to about
+  # eps times that ratio).
+  lengths, vectors = jnp.linalg.eigh(_contract("...pm,...qm->...pq", rest,
                                                rest))
   live = lengths > 2.0**-10 * lengths[..., -1:]
   scale = jnp.where(live, jax.lax.rsqrt(jnp.where(live, lengths, 1)), 0)
-  rest = _contract("...mp,...pq->...mq", rest, vectors) * scale[..., None, :]
+  rest = _contract("...qp,...pm->...qm", jnp.swapaxes(vectors, -1, -2),
+                   rest) * scale[..., None]
   rest, _ = _cholesky_qr(rest, (~live).astype(jnp.float32))
-  return (jnp.concatenate([prev, rest], axis=-1),
+  return (jnp.concatenate([prev, rest], axis=-2),
           jnp.concatenate([live_prev, (~live).astype(jnp.float32)], axis=-1))
 
 
-def _rayleigh_ritz(g: jax.Array, q: jax.Array, dead: jax.Array
-                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The Ritz pairs of ``g g^T`` on the span of ``q``.
+class _MatrixProducts(NamedTuple):
+  """Products of row blocks with a matrix ``M`` (``m x n``) stored as ``g``:
+  ``M = g``, or ``M = g^T`` for a right-side basis. Each is one
+  ``dot_general`` on ``g`` as it is stored (no transposed copy of it).
+
+  Attributes:
+    times_m: ``(*batch, k, m)`` rows ``Q`` -> ``Q M``, ``(*batch, k, n)``.
+    times_m_t: ``(*batch, k, n)`` rows ``B`` -> ``B M^T``,
+      ``(*batch, k, m)``.
+    sketch_rows: ``(*batch, n, p)`` test matrix ``W`` -> ``(M W)^T``,
+      ``(*batch, p, m)``.
+  """
+
+  times_m: Callable[[jax.Array], jax.Array]
+  times_m_t: Callable[[jax.Array], jax.Array]
+  sketch_rows: Callable[[jax.Array], jax.Array]
+
+  @classmethod
+  def of(cls, g: jax.Array, transposed: bool) -> "_MatrixProducts":
+    if transposed:  # g is (n, m)
+      return cls(lambda q: _contract("...km,...nm->...kn", q, g),
+                 lambda b: _contract("...kn,...nm->...km", b, g),
+                 lambda w: _contract("...np,...nm->...pm", w, g))
+    return cls(lambda q: _contract("...km,...mn->...kn", q, g),
+               lambda b: _contract("...kn,...mn->...km", b, g),
+               lambda w: _contract("...np,...mn->...pm", w, g))
+
+
+def _rayleigh_ritz(gram: jax.Array, dead: jax.Array, count: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The top ``count`` Ritz pairs of ``M M^T`` on the span of rows ``Q``.
+
+  The left singular vectors of ``B = Q M``, which order and rotate the
+  block's directions, are the eigenvectors of the ``k x k`` matrix
+  ``B B^T``. Its eigh is 5-15x faster on CPU than an SVD of the ``k x n``
+  ``B`` (which also computes ``B``'s right vectors); squaring only blurs
+  the order of directions below ~3e-4 of the top singular value, whose
+  energy share is negligible.
 
   Args:
-    g: ``(*batch, m, n)`` float32 matrices.
-    q: ``(*batch, m, k)`` orthonormal or dead (zero) columns.
-    dead: ``(*batch, k)``: 1.0 for ``q``'s dead columns, 0.0 otherwise.
+    gram: ``(*batch, k, k)``, ``Q M M^T Q^T``.
+    dead: ``(*batch, k)``: 1.0 for ``Q``'s dead (zero) rows, 0.0 otherwise.
+    count: number of pairs, at most ``k``.
 
   Returns:
-    The Ritz vectors ``(*batch, m, k)``, orthonormal as ``q`` is, by
-    decreasing captured energy: the first ``j`` span the best
-    j-dimensional subspace of ``q``'s span; their values ``(*batch, k)``;
-    ``g^T`` times them, ``(*batch, n, k)``; and the dead mask of the
-    result (the dead columns come last and stay zero).
+    The rotation ``(*batch, count, k)`` whose product with ``Q`` gives the
+    Ritz vectors as rows, by decreasing captured energy (the first ``j``
+    span the best j-dimensional subspace of ``Q``'s span); their values
+    ``(*batch, count)``; and their dead mask (dead pairs come last, their
+    rotation rows zero).
   """
-  # The left singular vectors of B = Q^T G, which order and rotate the
-  # block's directions, are the eigenvectors of the k x k Gram matrix
-  # B B^T. Its eigh is 5-15x faster on CPU than an SVD of the k x n B
-  # (which also computes B's right vectors); squaring only blurs the order
-  # of directions below ~3e-4 of the top singular value, whose energy share
-  # is negligible.
-  b_t = _contract("...mn,...mk->...nk", g, q)  # B^T
-  gram = _contract("...nk,...nl->...kl", b_t, b_t)
-  # Dead columns get an eigenvalue below every live one (rounding puts none
-  # of those below -trace): the last Ritz vectors, which no other uses.
+  # Dead rows get an eigenvalue below every live one (rounding puts none of
+  # those below -trace): the last Ritz vectors, which no other uses.
   trace = jnp.trace(gram, axis1=-2, axis2=-1)[..., None]
   values, vectors = jnp.linalg.eigh(gram - _diagonal(dead * (trace + 1)))
-  dead = jnp.sort(dead, axis=-1)
-  vectors = vectors[..., :, ::-1] * (1 - dead[..., None, :])  # descending
-  return (_contract("...mk,...kj->...mj", q, vectors), values[..., ::-1],
-          _contract("...nk,...kj->...nj", b_t, vectors), dead)
+  dead = jnp.sort(dead, axis=-1)[..., :count]
+  # eigh sorts ascending.
+  rotation = jnp.swapaxes(vectors[..., :, ::-1][..., :count], -1, -2)
+  return (rotation * (1 - dead[..., None]), values[..., ::-1][..., :count],
+          dead)
 
 
 def _orthonormalize(y: jax.Array, dead: jax.Array,
-                    fallback: jax.Array) -> jax.Array:
-  """Orthonormal columns spanning ``y``'s, in their order (dead ones stay
-  zero); ``fallback``'s columns for matrices whose ``y`` is too
+                    fallback: Callable[[], jax.Array]) -> jax.Array:
+  """Orthonormal rows spanning ``y``'s, in their order (dead ones stay
+  zero); ``fallback()``'s rows for matrices whose ``y`` is too
   ill-conditioned.
 
   One CholeskyQR pass, whose result's Gram matrix certifies it (within
@@ -427,71 +459,98 @@ def _orthonormalize(y: jax.Array, dead: jax.Array,
     factorization on a large-scale parallel system", ScalA 2014.
   """
   q, _ = _cholesky_qr(y, dead)
-  gram = _contract("...mk,...ml->...kl", q, q)
+  gram = _contract("...km,...lm->...kl", q, q)
   deviation = gram - _diagonal(1 - dead)
   # NaN (a failed factorisation) compares false.
   certified = jnp.max(jnp.abs(deviation), axis=(-2, -1)) <= 2.0**-16
 
   def second_pass() -> jax.Array:
-    again = _contract("...mk,...lk->...ml", q,
-                      _inverse_cholesky_factor(gram + _diagonal(dead)))
+    again = _contract("...kl,...lm->...km",
+                      _inverse_cholesky_factor(gram + _diagonal(dead)), q)
     usable = (jnp.sum(jnp.square(deviation), axis=(-2, -1)) <= 0.25) & jnp.all(
         jnp.isfinite(again), axis=(-2, -1))
     return jnp.where((certified | usable)[..., None, None],
-                     jnp.where(certified[..., None, None], q, again), fallback)
+                     jnp.where(certified[..., None, None], q, again),
+                     fallback())
 
   return jax.lax.cond(jnp.all(certified), lambda: q, second_pass)
 
 
-def _power_step(g: jax.Array, ritz: jax.Array, values: jax.Array,
-                g_t_ritz: jax.Array, dead: jax.Array) -> jax.Array:
-  """Orthonormal columns ``G G^T x`` for the Ritz pairs ``(x, value)``, in
-  their order (dead ones stay zero); the Ritz vectors themselves where
-  those cannot be orthonormalised.
+def _subspace_step(products: _MatrixProducts, q: jax.Array, dead: jax.Array,
+                   count: int) -> tuple[jax.Array, jax.Array]:
+  """One subspace iteration: a power step ``Z = Q M M^T``, then its top
+  ``count`` directions, ordered by a Rayleigh-Ritz step on ``Q``.
 
-  Each ``G G^T x / value`` is ``x`` plus its residual over its value: unit
-  columns, nearly orthogonal once the block has converged, so CholeskyQR
-  orthonormalises them. Where a value is below ``2**-20`` (1e-6) of the
-  largest, ``G^T x`` is mostly rounding noise (or ``x`` is outside ``G``'s
-  range) and ``x`` itself is kept.
-  """
-  reliable = values > 2.0**-20 * values[..., :1]
-  stepped = _contract("...mn,...nk->...mk", g, g_t_ritz) / jnp.where(
-      reliable, values, 1)[..., None, :]
-  return _orthonormalize(jnp.where(reliable[..., None, :], stepped, ritz),
-                         dead, ritz)
-
-
-def _top_left_subspace(g: jax.Array, prev: jax.Array, sketch: jax.Array,
-                       rank: int, n_iter: int) -> tuple[jax.Array, jax.Array]:
-  """Top-``rank`` left singular vectors of ``g`` by subspace iteration.
+  With the Ritz pairs ``(x, value)`` of ``Q`` (rows ``x = R Q``), each
+  ``x M M^T / value = R Z / value`` is ``x`` plus its residual over its
+  value: unit rows, nearly orthogonal once the block has converged, so
+  CholeskyQR orthonormalises them. The Ritz step's matrix is
+  ``Q Z^T = (Q M)(Q M)^T``, a ``k x k`` product with the ``m``-long rows
+  (not the ``n``-long ``Q M``), and the rotation is applied to ``Z``: two
+  ``m``-long products less than rotating ``Q`` and ``Q M`` first. Where a
+  value is below ``2**-20`` (1e-6) of the largest, ``x M`` is mostly
+  rounding noise (or ``x`` is outside ``M``'s range) and ``x`` itself is
+  kept.
 
   Args:
-    g: ``(*batch, m, n)`` float32 matrices.
-    prev: ``(*batch, m, rank)`` previous basis (the warm start).
-    sketch: ``(*batch, m, p)`` random samples of ``g``'s range (``g``
-      times a test matrix: the oversampling columns).
-    rank: number of singular vectors to return.
-    n_iter: power iterations. Each is a Rayleigh-Ritz step (a product with
-      ``g`` and a ``(rank + p)``-square eigendecomposition) and a power
-      step (a product with ``g`` and one or two CholeskyQR passes). With 0,
-      the result is the Rayleigh-Ritz step's: the best rank-dimensional
-      subspace of the start's span.
+    products: the matrix's products.
+    q: ``(*batch, k, m)`` orthonormal or dead (zero) rows.
+    dead: ``(*batch, k)`` dead mask of ``q``.
+    count: rows to return, at most ``k``.
 
   Returns:
-    ``(*batch, m, rank)`` orthonormal columns, signs canonicalised, and per
-    matrix whether they are finite (a factorisation failed otherwise).
+    ``(*batch, count, m)`` orthonormal or dead rows, by decreasing energy,
+    and their dead mask.
+  """
+  z = products.times_m_t(products.times_m(q))
+  rotation, values, dead = _rayleigh_ritz(
+      _contract("...km,...lm->...kl", q, z), dead, count)
+  reliable = values > 2.0**-20 * values[..., :1]
+  scale = jnp.where(reliable, 1 / jnp.where(reliable, values, 1), 0)
+  stepped = _contract("...jk,...km->...jm", rotation * scale[..., None], z)
+  ritz = lambda: _contract("...jk,...km->...jm", rotation, q)
+  stepped = jax.lax.cond(
+      jnp.all(reliable), lambda: stepped,
+      lambda: jnp.where(reliable[..., None], stepped, ritz()))
+  return _orthonormalize(stepped, dead, ritz), dead
+
+
+def _top_subspace_rows(products: _MatrixProducts, prev: jax.Array,
+                       sketch: jax.Array, rank: int,
+                       n_iter: int) -> tuple[jax.Array, jax.Array]:
+  """Top-``rank`` left singular vectors of ``M``, as rows, by subspace
+  iteration.
+
+  The bases are rows (``k x m``), not columns: XLA:CPU's products with a
+  thin block ran 8-27% faster with the thin dimension first, and a right
+  projector is stored as rows already.
+
+  Args:
+    products: the matrix's products.
+    prev: ``(*batch, rank, m)`` previous basis (the warm start).
+    sketch: ``(*batch, p, m)`` random samples of ``M``'s range (``M`` times
+      a test matrix, as rows: the oversampling).
+    rank: number of singular vectors to return.
+    n_iter: subspace iterations (``_subspace_step``), each two products
+      with ``M``. With 0, the result is a Rayleigh-Ritz step's: the best
+      rank-dimensional subspace of the start's span.
+
+  Returns:
+    ``(*batch, rank, m)`` orthonormal rows (signs not canonicalised), and
+    per matrix whether they are finite (a factorisation failed otherwise).
   """
   q, dead = _starting_block(prev.astype(jnp.float32), sketch)
-  for _ in range(n_iter):
-    ritz, values, g_t_ritz, dead = _rayleigh_ritz(g, q, dead)
-    q = _power_step(g, ritz, values, g_t_ritz, dead)
+  for i in range(n_iter):
+    # The last step keeps only the top rank directions (the dead ones, at
+    # most p, come last).
+    q, dead = _subspace_step(products, q, dead,
+                             rank if i == n_iter - 1 else q.shape[-2])
   if n_iter == 0:
-    q = _rayleigh_ritz(g, q, dead)[0]
-  # The first rank columns: the dead ones (at most p) come last.
-  q = q[..., :rank]
-  return (canonicalize_column_signs(q),
-          jnp.all(jnp.isfinite(q), axis=(-2, -1)))
+    b = products.times_m(q)
+    rotation = _rayleigh_ritz(_contract("...kn,...ln->...kl", b, b), dead,
+                              rank)[0]
+    q = _contract("...jk,...km->...jm", rotation, q)
+  return q, jnp.all(jnp.isfinite(q), axis=(-2, -1))
 
 
 def sketch_dims(plan: LeafPlan,
@@ -540,27 +599,29 @@ def _randomized_factors(g: jax.Array, plan: LeafPlan, previous: Projector,
                         n_iter: int) -> tuple[Projector, jax.Array]:
   """Warm-started randomized range finder for each side in use."""
 
-  def side(mat, prev, omega):
+  def side(transposed, prev_rows, omega):
+    products = _MatrixProducts.of(g, transposed)
     # One test matrix may serve every matrix of a batch.
     omega = jnp.broadcast_to(omega, (*plan.batch_shape, *omega.shape[-2:]))
     # The previous basis is a good start: gradients' top subspaces drift
     # slowly, so a few power iterations from it converge.
-    return _top_left_subspace(
-        mat, prev, _gathered(_contract("...mn,...nk->...mk", mat, omega)),
+    rows, ok = _top_subspace_rows(
+        products, prev_rows, _gathered(products.sketch_rows(omega)),
         plan.rank, n_iter)
+    return canonicalize_column_signs(jnp.swapaxes(rows, -1, -2)), ok
 
   ok = jnp.ones(plan.batch_shape, bool)
   left = right = optax.MaskedNode()
   if plan.use_left:
-    left, ok_left = side(g, previous.left, sketch.left)
+    left, ok_left = side(False, jnp.swapaxes(previous.left, -1, -2),
+                         sketch.left)
     ok &= ok_left
   if plan.use_right:
-    right_t, ok_right = side(jnp.swapaxes(g, -1, -2),
-                             jnp.swapaxes(previous.right, -1, -2),
-                             sketch.right)
+    right_t, ok_right = side(True, previous.right, sketch.right)
     right = jnp.swapaxes(right_t, -1, -2)
     ok &= ok_right
   return Projector(left, right), ok
+
 
 
 def _power_of_two(exponent: jax.Array) -> jax.Array:

@@ -41,8 +41,27 @@ SHAPES = {k: (8, 16, 8) if k.startswith("tall") else (8, 8, 16) for k in SPECS}
 FAST = {"xla_backend_optimization_level": 0,
         "xla_llvm_disable_expensive_passes": True}
 _rng = np.random.default_rng(0)
-GRADS = [{k: _rng.standard_normal(s).astype(np.float32)
-          for k, s in SHAPES.items()} for _ in range(3)]
+
+
+def decaying(shape: tuple[int, ...]) -> np.ndarray:
+  """Random matrices whose singular values decay by 0.6 (a clear gap at
+  any rank, as real gradients have).
+
+  With plain Gaussian matrices the top-4 subspace of one 8 x 16 matrix had a
+  tiny gap: perturbing the gradients by one float32 rounding (relative
+  2**-24 noise) moved that leaf's parameters by 1.5e-6 on one device
+  alone, as much as the tolerance below. The check would then test the
+  luck of each method's rounding, not the sharding.
+  """
+  *batch, m, n = shape
+  k = min(m, n)
+  u = np.linalg.qr(_rng.standard_normal((*batch, m, k)))[0]
+  v = np.linalg.qr(_rng.standard_normal((*batch, n, k)))[0]
+  return ((u * 0.6 ** np.arange(k)) @ np.swapaxes(v, -1, -2) * 3
+          ).astype(np.float32)
+
+
+GRADS = [{k: decaying(s) for k, s in SHAPES.items()} for _ in range(3)]
 
 
 def meshes():
