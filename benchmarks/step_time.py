@@ -151,10 +151,10 @@ def optimizers(rank: int, gap: int, params: Any) -> dict[str, Mode]:
                                         scale=0.25),
          "full_rank": optax.adamw(lr)}, labels)
 
-  def ours(method, stagger=False):
+  def ours(method, stagger=False, proj_type="std"):
     return lambda: galore_optax.galore_adamw(
         lr, rank=rank, update_proj_gap=gap, target_modules=TARGETS,
-        projector_method=method, stagger_refresh=stagger)
+        projector_method=method, stagger_refresh=stagger, proj_type=proj_type)
 
   adamw = lambda: optax.adamw(lr)
   # APOLLO (issue 24): random projections, no SVD; Hugging Face's defaults
@@ -175,6 +175,10 @@ def optimizers(rank: int, gap: int, params: Any) -> dict[str, Mode]:
       "optax.contrib.galore": Mode(contrib, refresh_by_is_due=False),
       "galore_adamw svd": Mode(ours("svd")),
       "galore_adamw randomized": Mode(ours("randomized")),
+      # optax.contrib.galore's side: the projector on each matrix's larger
+      # dimension, the moments on the smaller (the reference's "std" does the
+      # opposite).
+      "galore_adamw svd reverse_std": Mode(ours("svd", proj_type="reverse_std")),
       "galore_adamw svd staggered": Mode(ours("svd", True),
                                          refreshes=STAGGERED),
       "galore_adamw randomized staggered": Mode(ours("randomized", True),
