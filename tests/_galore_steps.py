@@ -16,7 +16,7 @@ def random_grads(step, params):
       [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
 
 
-def tanh_chain_step(params, stagger_refresh):
+def tanh_chain_step(params, stagger_refresh, projector_method="svd"):
   """A donated-style train step of a chain of ``tanh(h @ W)`` layers under
   ``galore_project(scale_by_adam)``, and its optimizer."""
   x = jnp.ones((4, next(iter(params.values())).shape[0]))
@@ -28,7 +28,8 @@ def tanh_chain_step(params, stagger_refresh):
     return jnp.sum(h)
 
   tx = galore_project(optax.scale_by_adam(), rank=8, update_proj_gap=200,
-                      stagger_refresh=stagger_refresh)
+                      stagger_refresh=stagger_refresh,
+                      projector_method=projector_method)
 
   def step(p, s):
     u, s = tx.update(jax.grad(loss)(p), s)

@@ -97,19 +97,39 @@ def test_refresh_does_not_keep_every_gradient_alive(monkeypatch):
   assert default < layers * d * d * 4
 
 
+@pytest.mark.parametrize("method,kernel", [("svd", "lapack_sgesdd"),
+                                           ("randomized", "lapack_ssyevd")])
 @pytest.mark.parametrize("batch_bytes", [0, 2**30])
-def test_decompositions_run_only_inside_the_refresh(monkeypatch, batch_bytes):
+def test_decompositions_run_only_inside_the_refresh(monkeypatch, batch_bytes,
+                                                    method, kernel):
   # A refresh that XLA could hoist out of its loop or cond (a loop-invariant
   # decomposition) would run at every update, not every update_proj_gap.
   monkeypatch.setattr(refresh, "REFRESH_BATCH_BYTES", batch_bytes)
   params = {f"layer{i}": jnp.zeros((32, 32)) for i in range(4)}
-  step, tx = tanh_chain_step(params, stagger_refresh=False)
+  step, tx = tanh_chain_step(params, stagger_refresh=False,
+                             projector_method=method)
   hlo = jax.jit(step).lower(params, tx.init(params)).compile().as_text()
-  assert "lapack_sgesdd" in hlo
-  assert "lapack_sgesdd" not in hlo[hlo.index("\nENTRY"):]
+  assert kernel in hlo
+  assert kernel not in hlo[hlo.index("\nENTRY"):]
 
 
-@pytest.mark.parametrize("method", ["svd", "randomized"])
+@pytest.mark.parametrize("stagger", [False, True])
+def test_exact_svd_refreshes_each_leaf_in_its_own_cond(stagger):
+  """The randomized method refreshes equal-shape leaves by one loop; the
+  exact SVD gives each leaf a cond (loops over several leaves made ordinary
+  steps slower), at the phase its batch would have."""
+  params = {f"w{i}": jnp.zeros((24, 16)) for i in range(4)}
+  def counts(method):
+    tx = galore_project(optax.scale_by_adam(), rank=4, update_proj_gap=2,
+                        projector_method=method, stagger_refresh=stagger)
+    jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params)).jaxpr
+    return _primitive_count(jaxpr, "while"), _primitive_count(jaxpr, "cond")
+  assert counts("svd")[0] == 0 and counts("svd")[1] >= 4
+  assert counts("randomized")[0] >= 1
+
+
+# The exact SVD refreshes every leaf by a cond of its own, batched or not.
+@pytest.mark.parametrize("method", ["randomized"])
 @pytest.mark.parametrize("projector_dtype", ["float32", "int8"])
 def test_batched_refresh_equals_refreshing_each_leaf(monkeypatch, method,
                                                      projector_dtype):
