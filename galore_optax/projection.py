@@ -398,6 +398,8 @@ class _MatrixProducts(NamedTuple):
 
   @classmethod
   def of(cls, g: jax.Array, transposed: bool) -> "_MatrixProducts":
+    """The products with ``M = g`` (``g`` is ``(*batch, m, n)``), or with
+    ``M = g^T`` if ``transposed`` (``g`` is ``(*batch, n, m)``)."""
     if transposed:  # g is (n, m)
       return cls(lambda q: _contract("...km,...nm->...kn", q, g),
                  lambda b: _contract("...kn,...nm->...km", b, g),
