@@ -44,8 +44,9 @@ from galore_optax import quantization
 from galore_optax import state_fields
 
 # A batch's loop needs all of its gradients, so the bound limits how many
-# stay alive until it can start (unbounded, per-shape batches: 1304 MiB of
-# temporaries at LLaMA-350M against 1170 MiB).
+# stay alive until it can start (measured when the exact SVD was batched too:
+# unbounded, per-shape batches had 1304 MiB of temporaries at LLaMA-350M
+# against 1170 MiB).
 REFRESH_BATCH_BYTES = 256 * 2**20
 
 
