@@ -12,7 +12,7 @@ update, apply; parameters and state donated) per optimizer or mode:
 * ``galore_adamw`` with the exact SVD and with the randomized method, each
   with and without ``stagger_refresh`` (ordinary steps);
 * ``galore_adamw`` (exact SVD) per-layer, per-layer fused and both
-  "kept";
+  "kept", and per-layer fused "products";
 * ``apollo_adamw`` (random projection at the table's rank, per-channel scaling)
   and ``apollo_mini`` (rank 1, per-matrix scaling), issue 24's SVD-free peers,
   and ``fira_adamw`` (exact SVD, plus the norm-limited residual).
@@ -23,7 +23,9 @@ updated inside the backward pass (the model's products go through
 (``fused=True``) makes, between refreshes, each projected kernel's low-rank
 gradient from the product's inputs without its ``m x n`` gradient; "kept"
 (``recompute=False``) keeps each layer's forward residuals instead of
-recomputing the layer in the backward pass. All
+recomputing the layer in the backward pass, and "products" (``recompute=``
+a checkpoint policy saving ``layerwise.DENSE_OUTPUT``) keeps only its
+``dense`` products' outputs and recomputes the rest. All
 GaLore runs share rank, gap and targets (attention + MLP); no run clips
 gradients.
 
@@ -114,6 +116,10 @@ TARGETS = ["attn", "mlp"]
 # The paper's rank for each size (tiny: the example's default).
 PAPER_RANKS = memory.DEFAULT_RANKS
 NO_REFRESH, REFRESH_ALL, STAGGERED = "none", "all", "staggered"
+# The per-layer step's "products" policy: keep each layer's dense products,
+# recompute the rest (element-wise work and attention) in the backward pass.
+KEEP_PRODUCTS = jax.checkpoint_policies.save_only_these_names(
+    layerwise.DENSE_OUTPUT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +130,8 @@ class Mode:
     make_tx: builds the optimizer.
     per_layer: run it with ``layerwise.make_layerwise_step``.
     fused: ``make_layerwise_step(..., fused=True)``.
-    recompute: ``make_layerwise_step``'s ``recompute`` (per-layer only).
+    recompute: ``make_layerwise_step``'s ``recompute`` (per-layer only): a
+      bool or a ``jax.checkpoint`` policy.
     refreshes: ``NO_REFRESH``, ``REFRESH_ALL`` (every projector at each
       multiple of the gap) or ``STAGGERED``.
     refresh_by_is_due: its refreshes are decided by
@@ -134,7 +141,7 @@ class Mode:
   make_tx: Callable[[], optax.GradientTransformation]
   per_layer: bool = False
   fused: bool = False
-  recompute: bool = True
+  recompute: bool | Callable[..., bool] = True
   refreshes: str = REFRESH_ALL
   refresh_by_is_due: bool = True
 
@@ -190,6 +197,8 @@ def optimizers(rank: int, gap: int, params: Any) -> dict[str, Mode]:
                                           recompute=False),
       "galore_adamw per-layer fused kept": Mode(
           ours("svd"), per_layer=True, fused=True, recompute=False),
+      "galore_adamw per-layer fused products": Mode(
+          ours("svd"), per_layer=True, fused=True, recompute=KEEP_PRODUCTS),
       "apollo_adamw": Mode(apollo),
       "apollo_mini": Mode(apollo_mini),
       "fira_adamw": Mode(fira),

@@ -73,7 +73,11 @@ def after(x: Any, *deps: Any) -> Any:
   Args:
     x: an array, a Python number or a pytree of them; each numeric leaf gets
       an exact zero added (cast to its dtype), so values and dtypes are
-      unchanged.
+      unchanged, except that a float ``-0.0`` comes back as ``0.0`` and
+      XLA:CPU flushes subnormal floats to zero: pass integers as integers,
+      not bit-cast to floats. (Adding an integer zero to a float's bits
+      would keep them, but XLA:CPU then no longer fuses the tie into the
+      products that read it: 8% slower fused per-layer steps.)
     *deps: arrays or pytrees of arrays to wait for.
 
   Returns:

@@ -1,9 +1,11 @@
-"""The per-layer step without recomputation (``recompute=False``).
+"""The per-layer step without whole-layer recomputation.
 
-``call_layer`` layers then keep their forward pass's residuals for their
-backward pass, as an ordinary backward pass does, instead of recomputing
-the layer: the updates are the same, and the step's jaxpr has one forward
-product per kernel instead of two. The toy model is test_layerwise_fused's.
+With ``recompute=False`` ``call_layer`` layers keep their forward pass's
+residuals for their backward pass, as an ordinary backward pass does,
+instead of recomputing the layer; with a ``jax.checkpoint`` policy they keep
+what the policy saves and recompute the rest. The updates are the same, and
+the step's jaxpr has one forward product per kernel instead of two when the
+products are kept. The toy model is test_layerwise_fused's.
 """
 
 import jax
@@ -27,53 +29,69 @@ from test_layerwise_fused import _loss
 from test_layerwise_fused import _params
 
 
-def _both(tx, params, loss=_loss, **kw):
-  """``(params, states, losses)`` with and without recomputation."""
+KEEP_PRODUCTS = jax.checkpoint_policies.save_only_these_names(lw.DENSE_OUTPUT)
+KEPT = {"all": False, "products": KEEP_PRODUCTS,
+        "nothing": jax.checkpoint_policies.nothing_saveable}
+
+
+def _both(tx, params, loss=_loss, kept=False, **kw):
+  """``(params, states, losses)`` with recomputation and with ``kept``."""
   results = []
-  for recompute in (True, False):
+  for recompute in (True, kept):
     init, step = lw.make_layerwise_step(loss, tx, recompute=recompute,
                                         donate=False, **kw)
     results.append(run(step, params, jax.jit(init)(params), BATCHES))
   return results
 
 
+@pytest.mark.parametrize("kept", KEPT)
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("optimizer", ["galore_adamw", "adamw", "8bit"])
-def test_kept_residuals_give_the_recomputed_updates(optimizer, fused):
+def test_kept_residuals_give_the_recomputed_updates(optimizer, fused, kept):
+  # The packed states (step counts, 8-bit codes bit-cast to floats) are
+  # residuals too: under a policy they wait for the output gradient, and
+  # must come through bit for bit.
   tx = {"galore_adamw": _galore(),
         "adamw": go.galore_adamw(LR, rank=4, target_modules=None,
                                  weight_decay=0.1),
         "8bit": go.galore_adamw_8bit(LR, rank=4, update_proj_gap=2,
                                      target_modules=["up", "down", "head"],
                                      min_size=64)}[optimizer]
-  (p0, s0, l0), (p1, s1, l1) = _both(tx, _params(), fused=fused)
+  (p0, s0, l0), (p1, s1, l1) = _both(tx, _params(), kept=KEPT[kept],
+                                     fused=fused)
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   assert_close(p0, p1, eight_bit=optimizer == "8bit")
   if optimizer != "8bit":
     _assert_states_close(s0, s1)
 
 
-def test_kept_residuals_with_int8_weights_and_clipping():
+@pytest.mark.parametrize("kept", ["all", "products"])
+def test_kept_residuals_with_int8_weights_and_clipping(kept):
   params = _params()
   params = dict(params, layers=[dict(p, up=wq.quantize_weight(p["up"]))
                                 for p in params["layers"]])
   (p0, s0, l0), (p1, s1, l1) = _both(_galore("reverse_std"), params,
-                                     clip_norm=0.5, fused=True)
+                                     kept=KEPT[kept], clip_norm=0.5,
+                                     fused=True)
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   assert_close(p0, p1)
   _assert_states_close(s0, s1)
 
 
-def test_scanned_layers_are_recomputed_either_way():
+@pytest.mark.parametrize("kept", ["all", "products"])
+def test_scanned_layers_are_recomputed_either_way(kept):
   loss, layout, kw = MODELS["scanned"]
   (p0, _, l0), (p1, _, l1) = _both(_galore(), layout(_params()), loss=loss,
-                                   **kw)
+                                   kept=KEPT[kept], **kw)
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   assert_close(p0, p1)
 
 
-@pytest.mark.parametrize("recompute", [True, False])
-def test_recomputation_doubles_the_layers_forward_products(recompute):
+@pytest.mark.parametrize("recompute,kept", [
+    (True, None), (False, "all"), (KEPT["products"], "products"),
+    (KEPT["nothing"], "nothing")], ids=["True", "False", "products",
+                                        "nothing"])
+def test_recomputation_doubles_the_layers_forward_products(recompute, kept):
   params = _params()
   init, step = lw.make_layerwise_step(_loss, _galore(), recompute=recompute,
                                       donate=False)
@@ -84,9 +102,11 @@ def test_recomputation_doubles_the_layers_forward_products(recompute):
         f"tensor<4x8x{F}xf32>")
   forward = [line for line in text.splitlines()
              if "dot_general" in line and up in line]
-  assert len(forward) == (4 if recompute else 2)
+  assert len(forward) == (2 if kept in ("all", "products") else 4)
 
 
-def test_recompute_must_be_a_bool():
-  with pytest.raises(ValueError, match="recompute"):
-    lw.make_layerwise_step(_loss, _galore(), recompute="no")
+@pytest.mark.parametrize("value", ["no", None, 1.0])
+def test_recompute_must_be_a_bool_or_a_policy(value):
+  with pytest.raises(ValueError, match="recompute must be True, False or a "
+                     "jax.checkpoint policy"):
+    lw.make_layerwise_step(_loss, _galore(), recompute=value)

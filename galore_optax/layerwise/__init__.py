@@ -151,6 +151,7 @@ from galore_optax.layerwise.packing import pack_leaves
 from galore_optax.layerwise.packing import pack_state
 from galore_optax.layerwise.packing import unpack_leaves
 from galore_optax.layerwise.packing import unpack_state
+from galore_optax.layerwise.primitives import DENSE_OUTPUT
 from galore_optax.layerwise.primitives import call_layer
 from galore_optax.layerwise.primitives import dense
 from galore_optax.layerwise.primitives import embedding_lookup
@@ -160,6 +161,7 @@ from galore_optax.layerwise.step import make_layerwise_step
 from galore_optax.layerwise.unit_update import clip_by_leaf_norm
 
 __all__ = (
+    "DENSE_OUTPUT",
     "LayerwiseState",
     "LayerwiseStep",
     "LeafState",

@@ -204,8 +204,9 @@ class LayerwiseContext:
 
   @property
   def recompute(self) -> bool:
-    """Whether ``call_layer`` layers are recomputed in the backward pass."""
-    return self.updater.options.recompute
+    """Whether ``call_layer`` layers are recomputed whole in the backward
+    pass (else their forward pass keeps residuals: all, or a policy's)."""
+    return self.updater.options.recompute is True
 
   @property
   def inside_layer(self) -> bool:
@@ -393,15 +394,19 @@ class LayerwiseContext:
                           ) -> tuple[Any, tuple[Any, ...]]:
     """The layer's output and the residuals of ``layer_backward_saved``.
 
-    Without recomputation (``recompute=False``) the layer's backward
-    function is made here, in the forward pass, and kept (its residuals,
-    as an ordinary backward pass keeps them) until the output gradient
-    arrives.
+    Without whole-layer recomputation the layer's backward function is made
+    here, in the forward pass, and kept until the output gradient arrives:
+    with all its residuals (``recompute=False``, as an ordinary backward
+    pass keeps them), or, under a ``jax.checkpoint`` policy, with those the
+    policy saves (the rest is recomputed in the backward pass).
     """
     by_dense: set[int] = set()
-    out, vjp = jax.vjp(functools.partial(self.layer_apply, call,
-                                         by_dense=by_dense), c, others,
-                       self.layer_weights(call, h_in, c), h_in, cs)
+    apply = functools.partial(self.layer_apply, call, by_dense=by_dense)
+    policy = self.updater.options.checkpoint_policy
+    if policy is not None:
+      apply = jax.checkpoint(apply, policy=policy)
+    out, vjp = jax.vjp(apply, c, others, self.layer_weights(call, h_in, c),
+                       h_in, cs)
     self.dense_leaves[call] = frozenset(by_dense)
     return out, (vjp, h_in)
 

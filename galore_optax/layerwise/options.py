@@ -32,8 +32,9 @@ class StepOptions:
     chunk_rules: ``(matcher, k)`` pairs from ``row_chunks``, in order.
     fused: make projected kernels' low-rank gradients in ``dense`` from the
       product's inputs between refreshes.
-    recompute: recompute each ``call_layer`` layer in its backward pass
-      (else keep its forward pass's residuals).
+    recompute: True: recompute each ``call_layer`` layer in its backward
+      pass; False: keep its forward pass's residuals; a ``jax.checkpoint``
+      policy: keep what the policy saves, recompute the rest.
   """
 
   clip_norm: float | None
@@ -44,7 +45,12 @@ class StepOptions:
   is_per_layer: Callable[[str], bool]
   chunk_rules: tuple[tuple[Callable[[str], bool], int], ...]
   fused: bool = False
-  recompute: bool = True
+  recompute: bool | Callable[..., bool] = True
+
+  @property
+  def checkpoint_policy(self) -> Callable[..., bool] | None:
+    """``recompute``'s ``jax.checkpoint`` policy, or None for a bool."""
+    return None if isinstance(self.recompute, bool) else self.recompute
 
   def row_chunks(self, name: str) -> int:
     """How many blocks of rows leaf ``name`` is updated in (1: whole).
@@ -67,7 +73,7 @@ def make_options(
     row_chunks: Mapping[str, int] | None,
     weight_dtype: Any,
     fused: bool = False,
-    recompute: bool = True,
+    recompute: bool | Callable[..., bool] = True,
 ) -> StepOptions:
   """Checks ``make_layerwise_step``'s options (see its docstring).
 
@@ -80,7 +86,7 @@ def make_options(
     row_chunks: ``{name: k}`` with positive ints ``k``, or None.
     weight_dtype: a floating dtype.
     fused: a bool.
-    recompute: a bool.
+    recompute: a bool or a ``jax.checkpoint`` policy (a callable).
 
   Returns:
     The options.
@@ -105,7 +111,12 @@ def make_options(
   accumulate_dtype = check_float_dtype("accumulate_dtype", accumulate_dtype)
   weight_dtype = check_float_dtype("weight_dtype", weight_dtype)
   check_bool("fused", fused)
-  check_bool("recompute", recompute)
+  if isinstance(recompute, (bool, np.bool_)):
+    recompute = bool(recompute)
+  elif not callable(recompute):
+    raise ValueError("recompute must be True, False or a jax.checkpoint "
+                     f"policy (e.g. jax.checkpoint_policies.dots_saveable), "
+                     f"got {recompute!r}.")
   return StepOptions(clip_norm, k, accumulate_dtype, weight_dtype,
                      per_layer, is_per_layer, tuple(chunk_rules), fused,
                      recompute)

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from galore_optax import ordering
 from galore_optax.layerwise import context as context_lib
@@ -25,6 +26,10 @@ from galore_optax.layerwise import trees
 
 Context = context_lib.LayerwiseContext
 LayerCall = context_lib.LayerCall
+
+# The name of every ``dense`` product's output (``jax.ad_checkpoint.
+# checkpoint_name``), for checkpoint policies that keep the products.
+DENSE_OUTPUT = "galore_optax.layerwise.dense"
 
 # -- public primitives ---------------------------------------------------------
 
@@ -76,7 +81,8 @@ def call_layer(f: Callable[..., Any], carry: Any, params: Any, *args: Any,
   ``jax.checkpoint`` if ``remat``). Inside a step from
   ``make_layerwise_step`` the layer is recomputed in the backward pass
   (activation checkpointing; unless the step has ``recompute=False``, which
-  keeps the forward pass's residuals instead), when its output gradient
+  keeps the forward pass's residuals instead, or a checkpoint policy, which
+  keeps what it saves), when its output gradient
   arrives, and its weights are updated inside that backward pass in an order
   that lets XLA reuse memory:
 
@@ -178,6 +184,11 @@ def dense(x: jax.Array, kernel: jax.Array, *,
   else in the loss (a tied embedding, say): the step raises at trace time
   if it is.
 
+  The output is named ``DENSE_OUTPUT`` for ``jax.checkpoint`` policies:
+  ``jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)`` keeps the
+  products and recomputes the rest (``make_layerwise_step(recompute=...)``,
+  or any ``jax.checkpoint``).
+
   Args:
     x: ``(..., d_in)`` inputs.
     kernel: ``(d_in, d_out)`` weight (a parameter leaf).
@@ -189,12 +200,13 @@ def dense(x: jax.Array, kernel: jax.Array, *,
   if kernel.ndim != 2:
     raise ValueError(f"dense needs a 2-D kernel, got shape {kernel.shape}.")
   ctx = context_lib.current()
-  if ctx is not None:
-    target = ctx.dense_target(kernel)
-    if target is not None:
-      i, (stored, packed, key_data) = target
-      return _dense_update(ctx, i, dtype, x, stored, packed, key_data)
-  return context_lib.matmul(x, kernel, dtype)
+  target = None if ctx is None else ctx.dense_target(kernel)
+  if target is not None:
+    i, (stored, packed, key_data) = target
+    y = _dense_update(ctx, i, dtype, x, stored, packed, key_data)
+  else:
+    y = context_lib.matmul(x, kernel, dtype)
+  return checkpoint_name(y, DENSE_OUTPUT)
 
 
 # -- a leaf's hook -------------------------------------------------------------

@@ -67,7 +67,7 @@ def make_layerwise_step(
     row_chunks: Mapping[str, int] | None = None,
     weight_dtype: Any = jnp.float32,
     fused: bool = False,
-    recompute: bool = True,
+    recompute: bool | Callable[..., bool] = True,
     has_aux: bool = False,
     donate: bool = True,
     jit: bool = True,
@@ -135,9 +135,15 @@ def make_layerwise_step(
       (activations, and int8 layers' dequantised weights) until its
       backward pass, as an ordinary step's backward pass does: no
       recomputation (about 15% fewer flops for a transformer), the
-      activation memory of an ordinary step. Layers run by ``scan_layers``
-      are always recomputed (keeping their residuals would stack a copy
-      of every layer's weights).
+      activation memory of an ordinary step. A ``jax.checkpoint`` policy
+      keeps what it saves and recomputes the rest, e.g.
+      ``jax.checkpoint_policies.save_only_these_names(layerwise.DENSE_OUTPUT)``:
+      the ``dense`` products' outputs are kept, so only the cheap
+      element-wise work and the attention are recomputed (LLaMA-60M at
+      8 x 256: 12% fewer flops than recomputing, 0.3 GB more activations;
+      ``BENCHMARKS.md``). Layers run by ``scan_layers`` are always
+      recomputed (keeping their residuals would stack a copy of every
+      layer's weights).
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     donate: donate ``params`` and ``opt_state`` to the step, so the new
       ones reuse their buffers.
