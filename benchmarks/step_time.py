@@ -12,7 +12,7 @@ update, apply; parameters and state donated) per optimizer or mode:
 * ``galore_adamw`` with the exact SVD and with the randomized method, each
   with and without ``stagger_refresh`` (ordinary steps);
 * ``galore_adamw`` (exact SVD) per-layer, per-layer fused and both
-  "kept", and per-layer fused "products";
+  "kept", and both "products";
 * ``apollo_adamw`` (random projection at the table's rank, per-channel scaling)
   and ``apollo_mini`` (rank 1, per-matrix scaling), issue 24's SVD-free peers,
   and ``fira_adamw`` (exact SVD, plus the norm-limited residual).
@@ -90,6 +90,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import mmap
 import platform
 import resource
 import statistics
@@ -197,6 +198,8 @@ def optimizers(rank: int, gap: int, params: Any) -> dict[str, Mode]:
                                           recompute=False),
       "galore_adamw per-layer fused kept": Mode(
           ours("svd"), per_layer=True, fused=True, recompute=False),
+      "galore_adamw per-layer products": Mode(
+          ours("svd"), per_layer=True, recompute=KEEP_PRODUCTS),
       "galore_adamw per-layer fused products": Mode(
           ours("svd"), per_layer=True, fused=True, recompute=KEEP_PRODUCTS),
       "apollo_adamw": Mode(apollo),
@@ -335,6 +338,26 @@ def _minor_page_faults() -> int:
   """This process's minor page faults so far (first touches of fresh
   memory pages)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def page_fault_cost(megabytes: int = 256) -> float:
+  """Microseconds per 4 KiB page of first touching fresh memory, here.
+
+  XLA:CPU allocates a step's temporaries afresh on every execution, so each
+  step pays ``temps / page size`` such faults; their cost varies with the
+  machine (a virtual machine's can move several-fold within a day), and a
+  step with more temporaries (an ordinary one) pays more of it.
+  """
+  size = megabytes << 20
+  best = float("inf")
+  for _ in range(3):
+    start = time.perf_counter()
+    # A fresh anonymous mapping, as glibc gives XLA for a large buffer
+    # (numpy's own allocations ask for huge pages).
+    with mmap.mmap(-1, size) as fresh:
+      np.frombuffer(fresh, np.uint8)[::4096] = 1
+      best = min(best, time.perf_counter() - start)
+  return best / (size // 4096) * 1e6
 
 
 def run_window(live: dict[str, list], step_times: dict[str, list[float]],
@@ -534,8 +557,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.interleave:  # one optimizer's window after another's
       run_window(live, step_times, step_faults, batch, args.window)
       del live[name]
+  fault_us = [page_fault_cost()]
   if args.interleave:  # every optimizer's step i, then every step i + 1
     run_window(live, step_times, step_faults, batch, args.window)
+  fault_us.append(page_fault_cost())
   for name, times in step_times.items():
     rows[name].update(summarise(times, modes[name].refreshes,
                                 args.update_proj_gap))
@@ -550,9 +575,12 @@ def main(argv: list[str] | None = None) -> None:
   window = "" if args.compile_only else (
       f", window {args.window} steps after step 0"
       f"{', interleaved' if args.interleave else ''}")
+  faults = ("" if args.compile_only else
+            f"; a page fault cost {fault_us[0]:.2f} us before the steps, "
+            f"{fault_us[1]:.2f} us after")
   print(f"\n{_setting(args, rank)}{window}; flops: XLA cost_analysis, in "
         f"which {cost_analysis_semantics()}; ordinary path: the step "
-        "compiled without refreshes")
+        f"compiled without refreshes{faults}")
   print_table(rows, args.compile_only)
   print_fused_saving(rows, params_abstract, rank,
                      args.batch_size * args.seq_len)

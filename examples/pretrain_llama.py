@@ -131,6 +131,14 @@ ADAM_B1 = 0.9
 ADAM_B2 = 0.999
 ADAM_EPS = 1e-8
 
+# --layer-residuals: make_layerwise_step's ``recompute`` for each choice.
+LAYER_RESIDUALS = {
+    "recompute": True,
+    "products": jax.checkpoint_policies.save_only_these_names(
+        galore_layerwise.DENSE_OUTPUT),
+    "all": False,
+}
+
 
 def make_optimizer(name: str, schedule: optax.Schedule, args: Any,
                    params: Any) -> optax.GradientTransformation:
@@ -544,6 +552,13 @@ def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
                  "projected kernel's low-rank gradient from the product's "
                  "inputs, never its full gradient (make_layerwise_step("
                  "fused=True))")
+  g.add_argument("--layer-residuals", default="recompute",
+                 choices=tuple(LAYER_RESIDUALS),
+                 help="_layerwise optimizers: what each decoder layer keeps "
+                 "for its backward pass: its input only (recompute the "
+                 "layer), its dense products' outputs (recompute the rest), "
+                 "or all its residuals (no recomputation, an ordinary "
+                 "step's activation memory)")
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -643,6 +658,9 @@ def parse_args(argv: Sequence[str] | None,
                  "--distributed).")
   if args.fused and not is_layerwise(args.optimizer):
     parser.error("--fused needs a _layerwise optimizer.")
+  if (args.layer_residuals != "recompute"
+      and not is_layerwise(args.optimizer)):
+    parser.error("--layer-residuals needs a _layerwise optimizer.")
   if args.lr is None:
     args.lr = default_lr(args.optimizer)
   if args.out_dir is None:
@@ -898,7 +916,8 @@ def make_update(args: argparse.Namespace, model: Model,
     lw = galore_layerwise.make_layerwise_step(
         loss_of, tx, clip_norm=args.max_grad_norm or None,
         accumulate_steps=args.grad_accum, weight_dtype=model.dtype,
-        fused=args.fused, donate=False, jit=False)
+        fused=args.fused, recompute=LAYER_RESIDUALS[args.layer_residuals],
+        donate=False, jit=False)
     if args.max_grad_norm > 0:
       print(f"layer-wise updates: gradients clipped to norm "
             f"{args.max_grad_norm:g} per leaf, not globally.")

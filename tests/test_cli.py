@@ -135,6 +135,9 @@ PRETRAIN_PARSE_ERRORS = [
     (["--num-processes", "2"], "--coordinator"),
     (["--process-id", "0"], "--coordinator"),
     (["--fused"], "--fused"),
+    (["--layer-residuals", "products"], "--layer-residuals"),
+    (["--optimizer", "galore_adamw_layerwise", "--layer-residuals", "some"],
+     "--layer-residuals"),
 ]
 
 

@@ -257,6 +257,23 @@ def test_every_optimizer_runs(shared, tmp_path, optimizer):
   assert summary["train_step_traces"] == 1
 
 
+def test_layer_residuals_do_not_change_the_per_layer_run(shared, tmp_path):
+  # Recomputing each layer, keeping its products or keeping everything:
+  # the same fused per-layer updates, to float32 rounding (refresh at
+  # update 0 and 2, gap 2).
+  losses = {}
+  for keep in pretrain_llama.LAYER_RESIDUALS:
+    out = tmp_path / keep
+    pretrain_llama.main(small_args(
+        shared, out, **{"--optimizer": "galore_adamw_layerwise", "--fused": True,
+                        "--update-proj-gap": 2, "--layer-residuals": keep}))
+    _, train, _ = read_metrics(out)
+    losses[keep] = [float(train[k]) for k in sorted(train)]
+  assert len(losses["recompute"]) == 3
+  for keep in ("products", "all"):
+    np.testing.assert_allclose(losses[keep], losses["recompute"], rtol=1e-5)
+
+
 @pytest.mark.parametrize("optimizer", ["galore_adamw_8bit",
                                        "galore_adamw_8bit_layerwise"])
 def test_int8_weights_learn_and_are_stored_in_int8(shared, tmp_path,

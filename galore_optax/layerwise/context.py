@@ -434,7 +434,26 @@ class LayerwiseContext:
                            ct: Any) -> tuple[Any, ...]:
     """``layer_backward`` from ``layer_forward_saved``'s residuals."""
     vjp, h_in = res
+    if self.updater.options.checkpoint_policy is not None:
+      vjp = self.residuals_after(vjp, h_in, ct)
     return self.backprop_layer(call, vjp, h_in, self.dense_leaves[call], ct)
+
+  def residuals_after(self, vjp: Any, h_in: list[Any], ct: Any) -> Any:
+    """``vjp`` with its residuals waiting for the output cotangent ``ct``.
+
+    Under a checkpoint policy the backward pass recomputes from the saved
+    residuals; XLA would otherwise start every layer's recomputation early
+    and keep all of them live (LLaMA-60M, 8 x 256: 1.77 GB of temporaries
+    instead of 0.89), as ``layer_backward``'s comment says. The leaves'
+    stored values, packed states and key data (``h_in``) are left as they
+    are: ``ordering.after`` would flush those bit-cast integers.
+    """
+    inputs = jax.tree.leaves(h_in)
+    leaves, treedef = jax.tree.flatten(vjp)
+    own = [not any(x is y for y in inputs) for x in leaves]
+    tied = iter(ordering.after([x for x, o in zip(leaves, own) if o], ct))
+    return treedef.unflatten([next(tied) if o else x
+                              for x, o in zip(leaves, own)])
 
   def backprop_layer(self, call: LayerCall, vjp: Callable[..., Any],
                      h_in: list[Any], by_dense: set[int] | frozenset[int],
