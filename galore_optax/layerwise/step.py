@@ -140,7 +140,7 @@ def make_layerwise_step(
       ``jax.checkpoint_policies.save_only_these_names(layerwise.DENSE_OUTPUT)``:
       the ``dense`` products' outputs are kept, so only the cheap
       element-wise work and the attention are recomputed (LLaMA-60M at
-      8 x 256: 12% fewer flops than recomputing, 0.3 GB more activations;
+      8 x 256: 14% fewer flops than recomputing, 0.3 GB more activations;
       ``BENCHMARKS.md``). Layers run by ``scan_layers`` are always
       recomputed (keeping their residuals would stack a copy of every
       layer's weights).
