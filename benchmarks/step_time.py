@@ -23,8 +23,8 @@ updated inside the backward pass (the model's products go through
 (``fused=True``) makes, between refreshes, each projected kernel's low-rank
 gradient from the product's inputs without its ``m x n`` gradient; "kept"
 (``recompute=False``) keeps each layer's forward residuals instead of
-recomputing the layer in the backward pass, and "products" (``recompute=``
-a checkpoint policy saving ``layerwise.DENSE_OUTPUT``) keeps only its
+recomputing the layer in the backward pass, and "products" (``recompute=
+layerwise.KEEP_DENSE_OUTPUTS``, a checkpoint policy) keeps only its
 ``dense`` products' outputs and recomputes the rest. All
 GaLore runs share rank, gap and targets (attention + MLP); no run clips
 gradients.
@@ -117,10 +117,6 @@ TARGETS = ["attn", "mlp"]
 # The paper's rank for each size (tiny: the example's default).
 PAPER_RANKS = memory.DEFAULT_RANKS
 NO_REFRESH, REFRESH_ALL, STAGGERED = "none", "all", "staggered"
-# The per-layer step's "products" policy: keep each layer's dense products,
-# recompute the rest (element-wise work and attention) in the backward pass.
-KEEP_PRODUCTS = jax.checkpoint_policies.save_only_these_names(
-    layerwise.DENSE_OUTPUT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,9 +195,9 @@ def optimizers(rank: int, gap: int, params: Any) -> dict[str, Mode]:
       "galore_adamw per-layer fused kept": Mode(
           ours("svd"), per_layer=True, fused=True, recompute=False),
       "galore_adamw per-layer products": Mode(
-          ours("svd"), per_layer=True, recompute=KEEP_PRODUCTS),
+          ours("svd"), per_layer=True, recompute=layerwise.KEEP_DENSE_OUTPUTS),
       "galore_adamw per-layer fused products": Mode(
-          ours("svd"), per_layer=True, fused=True, recompute=KEEP_PRODUCTS),
+          ours("svd"), per_layer=True, fused=True, recompute=layerwise.KEEP_DENSE_OUTPUTS),
       "apollo_adamw": Mode(apollo),
       "apollo_mini": Mode(apollo_mini),
       "fira_adamw": Mode(fira),

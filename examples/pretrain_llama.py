@@ -134,8 +134,7 @@ ADAM_EPS = 1e-8
 # --layer-residuals: make_layerwise_step's ``recompute`` for each choice.
 LAYER_RESIDUALS = {
     "recompute": True,
-    "products": jax.checkpoint_policies.save_only_these_names(
-        galore_layerwise.DENSE_OUTPUT),
+    "products": galore_layerwise.KEEP_DENSE_OUTPUTS,
     "all": False,
 }
 

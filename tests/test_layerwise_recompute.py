@@ -32,8 +32,7 @@ from test_layerwise_fused import _loss
 from test_layerwise_fused import _params
 
 
-KEEP_PRODUCTS = jax.checkpoint_policies.save_only_these_names(lw.DENSE_OUTPUT)
-KEPT = {"all": False, "products": KEEP_PRODUCTS,
+KEPT = {"all": False, "products": lw.KEEP_DENSE_OUTPUTS,
         "nothing": jax.checkpoint_policies.nothing_saveable}
 
 
@@ -139,4 +138,4 @@ def test_a_policy_recomputes_each_layer_only_when_its_gradient_arrives():
   widths = (heads * config.head_dim + 2 * config.hidden_size
             + 2 * config.intermediate_size)  # q, k, v; o, down; gate, up
   products = config.num_hidden_layers * 8 * 64 * widths * 4
-  assert temps(KEEP_PRODUCTS) <= temps(True) + products
+  assert temps(lw.KEEP_DENSE_OUTPUTS) <= temps(True) + products

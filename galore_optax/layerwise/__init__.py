@@ -152,6 +152,7 @@ from galore_optax.layerwise.packing import pack_state
 from galore_optax.layerwise.packing import unpack_leaves
 from galore_optax.layerwise.packing import unpack_state
 from galore_optax.layerwise.primitives import DENSE_OUTPUT
+from galore_optax.layerwise.primitives import KEEP_DENSE_OUTPUTS
 from galore_optax.layerwise.primitives import call_layer
 from galore_optax.layerwise.primitives import dense
 from galore_optax.layerwise.primitives import embedding_lookup
@@ -162,6 +163,7 @@ from galore_optax.layerwise.unit_update import clip_by_leaf_norm
 
 __all__ = (
     "DENSE_OUTPUT",
+    "KEEP_DENSE_OUTPUTS",
     "LayerwiseState",
     "LayerwiseStep",
     "LeafState",

@@ -30,6 +30,10 @@ LayerCall = context_lib.LayerCall
 # The name of every ``dense`` product's output (``jax.ad_checkpoint.
 # checkpoint_name``), for checkpoint policies that keep the products.
 DENSE_OUTPUT = "galore_optax.layerwise.dense"
+# The checkpoint policy that keeps exactly those outputs
+# (``make_layerwise_step(recompute=KEEP_DENSE_OUTPUTS)``).
+KEEP_DENSE_OUTPUTS = jax.checkpoint_policies.save_only_these_names(
+    DENSE_OUTPUT)
 
 # -- public primitives ---------------------------------------------------------
 
@@ -185,8 +189,8 @@ def dense(x: jax.Array, kernel: jax.Array, *,
   if it is.
 
   The output is named ``DENSE_OUTPUT`` for ``jax.checkpoint`` policies:
-  ``jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)`` keeps the
-  products and recomputes the rest (``make_layerwise_step(recompute=...)``,
+  ``KEEP_DENSE_OUTPUTS`` (``jax.checkpoint_policies.save_only_these_names(
+  DENSE_OUTPUT)``) keeps the products and recomputes the rest (``make_layerwise_step(recompute=...)``,
   or any ``jax.checkpoint``).
 
   Args:

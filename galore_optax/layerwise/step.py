@@ -137,8 +137,7 @@ def make_layerwise_step(
       recomputation (about 15% fewer flops for a transformer), the
       activation memory of an ordinary step. A ``jax.checkpoint`` policy
       keeps what it saves and recomputes the rest, e.g.
-      ``jax.checkpoint_policies.save_only_these_names(layerwise.DENSE_OUTPUT)``:
-      the ``dense`` products' outputs are kept, so only the cheap
+      ``layerwise.KEEP_DENSE_OUTPUTS``: the ``dense`` products' outputs are kept, so only the cheap
       element-wise work and the attention are recomputed (LLaMA-60M at
       8 x 256: 14% fewer flops than recomputing, 0.3 GB more activations;
       ``BENCHMARKS.md``). Layers run by ``scan_layers`` are always
