@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     figures[name] = (step_time.xla_flops(compiled),
                      compiled.memory_analysis().temp_size_in_bytes)
   times = {name: [] for name in live}
-  faults = {name: [] for name in live}
-  step_time.run_window(live, times, faults, batch, args.window)
+  usage = {name: [] for name in live}
+  step_time.run_window(live, times, usage, batch, args.window)
   base = statistics.median(times["optax.adamw"][1:])
   print(f"LLaMA-{args.model} shapes, float32, batch {args.batch_size} x "
         f"{args.seq_len}, {args.window} steps each, interleaved; jax "
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     median = statistics.median(times[name][1:])
     flops, temps = figures[name]
     print(f"| {name} | {flops / 1e9:.1f} | {temps / 1e9:.2f} | {median:.3f} | "
-          f"{median / base:.2f}x | {statistics.median(faults[name][1:]):.0f} |")
+          f"{median / base:.2f}x | {step_time.median_usage(usage[name]).faults:.0f} |")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,14 @@ ordinary-path flops with issue #26's arithmetic (``expected_fused_saving``).
 (``"bytes accessed"``, counted the same way), "temps" its temporary buffers
 (``memory_analysis``), and "page faults" the median minor page faults of
 the process per ordinary step (``getrusage``): first touches of memory
-pages, which a step pays for every fresh page of its buffers.
+pages, which a step pays for every fresh page of its buffers. "User CPU" and
+"system CPU" are the process's CPU seconds per ordinary step (medians, all
+threads): the first is the step's computation, the second mostly the kernel
+serving those page faults, whose price is the machine's (on a virtual
+machine that hands freed memory back to its host, a page re-touched after
+being handed back costs a host fault too, so which step pays depends on what
+ran before it). Their ratio to AdamW's is the comparison that no machine's
+memory manager moves.
 
 Run from the repository root (on whatever backend JAX has; nothing is
 CPU-specific)::
@@ -98,7 +105,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 from unittest import mock
 
 import jax
@@ -330,10 +337,33 @@ def _warm_up(live: dict[str, list], batch: Any) -> None:
     jax.block_until_ready(compiled(*copies, batch))
 
 
-def _minor_page_faults() -> int:
-  """This process's minor page faults so far (first touches of fresh
-  memory pages)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+class ProcessUsage(NamedTuple):
+  """What the process spent, from ``getrusage``: minor page faults (first
+  touches of fresh memory pages) and CPU seconds in user and kernel mode,
+  summed over its threads."""
+
+  faults: int
+  user_s: float
+  system_s: float
+
+
+def process_usage() -> ProcessUsage:
+  """This process's page faults and CPU seconds so far."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return ProcessUsage(usage.ru_minflt, usage.ru_utime, usage.ru_stime)
+
+
+def usage_since(before: ProcessUsage) -> ProcessUsage:
+  """What the process spent since ``before``."""
+  return ProcessUsage(*(now - then
+                        for now, then in zip(process_usage(), before)))
+
+
+def median_usage(usages: list[ProcessUsage]) -> ProcessUsage:
+  """Each field's median over the steps after step 0 (over all if only
+  one)."""
+  steps = usages[1:] or usages
+  return ProcessUsage(*(statistics.median(field) for field in zip(*steps)))
 
 
 def page_fault_cost(megabytes: int = 256) -> float:
@@ -357,21 +387,21 @@ def page_fault_cost(megabytes: int = 256) -> float:
 
 
 def run_window(live: dict[str, list], step_times: dict[str, list[float]],
-                step_faults: dict[str, list[int]], batch: Any,
-                window: int) -> None:
+               step_usage: dict[str, list[ProcessUsage]], batch: Any,
+               window: int) -> None:
   """Runs the first (refresh) step and ``window`` more of each live
-  optimizer, in alternation, appending each step's time and page
-  faults."""
+  optimizer, in alternation, appending each step's time and the process's
+  usage during it."""
   _warm_up(live, batch)
   for _ in range(window + 1):  # step 0 refreshes every projector
     for name, run in live.items():
       compiled, params, state = run
-      faults = _minor_page_faults()
+      usage = process_usage()
       start = time.perf_counter()
       params, state, loss = compiled(params, state, batch)
       jax.block_until_ready(loss)
       step_times[name].append(time.perf_counter() - start)
-      step_faults[name].append(_minor_page_faults() - faults)
+      step_usage[name].append(usage_since(usage))
       run[1:] = [params, state]
 
 
@@ -420,7 +450,8 @@ def print_table(rows: dict[str, dict[str, Any]], compile_only: bool) -> None:
   head += (["compile / adamw"] if compile_only else [
       "median ordinary (s)", "refresh (s)", "slowest (s)", "amortised (s)",
       "window mean (s)", "amortised / adamw", "amortised / contrib",
-      "median / adamw", "median / contrib", "page faults / step"])
+      "median / adamw", "median / contrib", "page faults / step",
+      "user CPU (s) / step", "system CPU (s) / step", "user CPU / adamw"])
   print("| " + " | ".join(head) + " |")
   print("|---|" + "---:|" * (len(head) - 1))
   for name, r in rows.items():
@@ -438,7 +469,9 @@ def print_table(rows: dict[str, dict[str, Any]], compile_only: bool) -> None:
                 _ratio(r["amortised_s"], peer.get("amortised_s")),
                 _ratio(r["median_s"], base.get("median_s")),
                 _ratio(r["median_s"], peer.get("median_s")),
-                f"{r['faults']:.0f}"]
+                f"{r['faults']:.0f}", _seconds(r["user_s"]),
+                _seconds(r["system_s"]),
+                _ratio(r["user_s"], base.get("user_s"))]
     print("| " + " | ".join(cells) + " |")
 
 
@@ -531,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
       parser.error(f"unknown optimizers {unknown}; known: {list(modes)}")
     modes = {k: v for k, v in modes.items() if k in args.only}
 
-  rows, step_times, step_faults = {}, {}, {}
+  rows, step_times, step_usage = {}, {}, {}
   live = {}  # with --interleave: name -> [compiled, params, state]
   for name, mode in modes.items():
     compiled, init, compile_s = compile_step(mode, graphdef, params_abstract,
@@ -549,19 +582,18 @@ def main(argv: list[str] | None = None) -> None:
       continue
     params = nnx.state(llama.build_model(config, rngs=0), nnx.Param)
     live[name] = [compiled, params, jax.jit(init)(params)]
-    step_times[name], step_faults[name] = [], []
+    step_times[name], step_usage[name] = [], []
     if not args.interleave:  # one optimizer's window after another's
-      run_window(live, step_times, step_faults, batch, args.window)
+      run_window(live, step_times, step_usage, batch, args.window)
       del live[name]
   fault_us = [page_fault_cost()]
   if args.interleave:  # every optimizer's step i, then every step i + 1
-    run_window(live, step_times, step_faults, batch, args.window)
+    run_window(live, step_times, step_usage, batch, args.window)
   fault_us.append(page_fault_cost())
   for name, times in step_times.items():
     rows[name].update(summarise(times, modes[name].refreshes,
                                 args.update_proj_gap))
-    rows[name]["faults"] = statistics.median(step_faults[name][1:] or
-                                             step_faults[name])
+    rows[name].update(median_usage(step_usage[name])._asdict())
     print(name, {k: round(v, 3) for k, v in rows[name].items()
                  if v is not None}, flush=True)
   if args.times_json:
