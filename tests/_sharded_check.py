@@ -42,10 +42,8 @@ def main():
   optimizers = {
       "galore_adamw-svd": lambda: galore_optax.galore_adamw(
           1e-2, rank=4, update_proj_gap=2, target_modules=targets),
-      "galore_adamw-randomized": lambda: galore_optax.galore_adamw(
-          1e-2, rank=4, update_proj_gap=2, target_modules=targets,
-          projector_method="randomized"),
-      # The moment policies that touch the inner state at a refresh.
+      # The randomized projector, with a moment policy that touches the
+      # inner state at a refresh (as "reset" below does).
       "galore_adamw-randomized-project": lambda: galore_optax.galore_adamw(
           1e-2, rank=4, update_proj_gap=2, target_modules=targets,
           projector_method="randomized", moments="project"),
